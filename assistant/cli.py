@@ -1,0 +1,159 @@
+"""`anomaly-assistant` command line: inspect, chat, init-tiny, and the serve/eval/train families.
+
+Each family registers its own sub-commands (`register(subparsers)` in its module), so this file only
+routes; heavy imports happen inside the command that needs them, keeping `--help` instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+MODEL_ENV = "ANOMALY_ASSISTANT_MODEL"
+COMMAND_FAMILIES = ("assistant.serve.cli", "eval.cli", "training.cli")
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def resolve_model(path: str | None) -> Path:
+    """--model, else $ANOMALY_ASSISTANT_MODEL, else the bundled demo model."""
+    from .defaults import default_model_path
+
+    candidate = path or os.environ.get(MODEL_ENV) or default_model_path()
+    if candidate is None:
+        raise UsageError(f"no model given: pass --model PATH, set {MODEL_ENV}, or build the demo model (see README)")
+    candidate = Path(candidate)
+    if not (candidate / "config.json").exists():
+        raise UsageError(f"{candidate}: not a model folder (no config.json)")
+    return candidate
+
+
+def load_engine(args: argparse.Namespace):
+    from .engine import LocalEngine
+
+    return LocalEngine.from_pretrained(resolve_model(args.model), device=args.device)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .engine import inspect
+    from .image_io import load_image
+
+    image = load_image(args.image)
+    references = [load_image(r) for r in args.reference]
+    verdict = inspect(load_engine(args), image, references, question=args.question, max_new_tokens=args.max_new_tokens)
+    if args.heatmap_out:
+        from .overlay import blend_heatmap
+
+        blend_heatmap(image, verdict.heatmap, boxes=verdict.boxes).save(args.heatmap_out)
+    if args.json:
+        print(verdict.model_dump_json())
+        return
+    label = "ANOMALOUS" if verdict.anomalous else "NORMAL"
+    print(f"{label}  score {verdict.score:.3f}")
+    for box in verdict.boxes:
+        print(f"  region x {box.x0}-{box.x1}, y {box.y0}-{box.y1}  peak {box.score:.2f}")
+    if verdict.defect:
+        print(f"defect: {verdict.defect}")
+    print(verdict.reasoning)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .engine import Conversation
+
+    engine = load_engine(args)
+    conversation = None
+    print("Ask about the image; an empty line or Ctrl-D ends the chat.")
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        if conversation is None:
+            conversation = Conversation.start(args.image, question, args.reference)
+        else:
+            conversation.ask(question)
+        answer = []
+        for chunk in engine.stream(conversation, args.max_new_tokens):
+            print(chunk, end="", flush=True)
+            answer.append(chunk)
+        print()
+        conversation.answer("".join(answer))
+
+
+def cmd_init_tiny(args: argparse.Namespace) -> None:
+    from .factory import save_assistant, tiny_assistant
+
+    model, processor = tiny_assistant(seed=args.seed, roi=not args.no_roi)
+    print(save_assistant(model, processor, args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly-assistant", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect_parser = commands.add_parser("inspect", help="verdict, heatmap, boxes and reasoning for one image")
+    inspect_parser.add_argument("image")
+    inspect_parser.add_argument("--reference", action="append", default=[], help="a normal image of the same object")
+    inspect_parser.add_argument("--question", default=None, help="what to ask the assistant")
+    inspect_parser.add_argument("--json", action="store_true", help="print the Verdict as JSON")
+    inspect_parser.add_argument("--heatmap-out", help="write the heatmap overlay (with boxes) to this image file")
+    inspect_parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_model_arguments(inspect_parser)
+    inspect_parser.set_defaults(handler=cmd_inspect)
+
+    chat_parser = commands.add_parser("chat", help="multi-turn chat about an image in the terminal")
+    chat_parser.add_argument("image")
+    chat_parser.add_argument("--reference", action="append", default=[])
+    chat_parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_model_arguments(chat_parser)
+    chat_parser.set_defaults(handler=cmd_chat)
+
+    tiny_parser = commands.add_parser("init-tiny", help="write a tiny random model (for smoke tests)")
+    tiny_parser.add_argument("output")
+    tiny_parser.add_argument("--seed", type=int, default=0)
+    tiny_parser.add_argument("--no-roi", action="store_true", help="build it without ROI tokens")
+    tiny_parser.set_defaults(handler=cmd_init_tiny)
+
+    for module_name in COMMAND_FAMILIES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and module_name.startswith(error.name):
+                continue  # that family is not part of this installation
+            raise
+        module.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    from .image_io import ImageError
+
+    if getattr(args, "question", "") is None:
+        from .engine import INSPECTION_QUESTION
+
+        args.question = INSPECTION_QUESTION
+    try:
+        handler(args)
+    except (UsageError, ImageError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Import official checkpoints: llava-hf LLaVA-OneVision folders and Anomaly-OV expert `.pth` files.
+
+The official expert (`pretrained_expert_{7b,05b}.pth`) is a plain state dict of Anomaly-OV's `AnomalyOV`
+module. Its LTFM keeps softmax channel 1 (its `negative_embedding`) as the anomaly probability, so that
+embedding becomes our `abnormal_embedding`. Unlike the official loader (`strict=False`), every key must
+map: a silently dropped tensor would leave a random layer in a "pretrained" expert.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+from .expert import AnomalyExpert
+from .factory import create_assistant, save_assistant
+
+_EMBEDDINGS = {"negative_embedding": "ltfm.abnormal_embedding", "positive_embedding": "ltfm.normal_embedding"}
+
+
+def expert_key_pairs(num_levels: int) -> dict[str, str]:
+    """Official Anomaly-OV expert key -> our `AnomalyExpert` key."""
+    pairs = dict(_EMBEDDINGS)
+    modules = {
+        "pooling_layer.0": "ltfm.token_pooling",
+        "class_predictor.0": "ltfm.class_head.0",
+        "class_predictor.2": "ltfm.class_head.2",
+        "q_former.query_proj": "selector.query_proj",
+        "q_former.key_proj": "selector.key_proj",
+        "final_predictor.0": "selector.score_head.0",
+        "final_predictor.2": "selector.score_head.2",
+    }
+    for level in range(num_levels):
+        modules[f"prompt_adaptors.{level}"] = f"ltfm.description_heads.{level}"
+        modules[f"siglip_adaptors.{level}"] = f"ltfm.feature_adapters.{level}"
+    for official, ours in modules.items():
+        for parameter in ("weight", "bias"):
+            pairs[f"{official}.{parameter}"] = f"{ours}.{parameter}"
+    return pairs
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "model.", "anomaly_expert."):
+        if key.startswith(prefix):
+            return _strip_prefix(key[len(prefix) :])
+    return key
+
+
+def _num_levels(keys) -> int:
+    """How many feature levels a state dict (official or ours) has adapters for."""
+    levels = {int(k.split(".")[1]) for k in keys if k.startswith("prompt_adaptors.")}
+    levels |= {int(k.split(".")[2]) for k in keys if k.startswith("ltfm.description_heads.")}
+    return max(levels, default=-1) + 1
+
+
+def expert_from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official Anomaly-OV expert state dict -> our `AnomalyExpert` state dict."""
+    state_dict = {_strip_prefix(key): tensor for key, tensor in state_dict.items()}
+    pairs = expert_key_pairs(_num_levels(state_dict))
+    unknown = sorted(set(state_dict) - set(pairs))
+    if unknown:
+        raise ValueError(f"keys not in the Anomaly-OV expert layout: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    embeddings = set(_EMBEDDINGS.values())
+    return {
+        pairs[key]: tensor.reshape(-1) if pairs[key] in embeddings else tensor for key, tensor in state_dict.items()
+    }
+
+
+def expert_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our `AnomalyExpert` state dict -> the official layout (for interchange and round-trip tests)."""
+    reverse = {ours: official for official, ours in expert_key_pairs(_num_levels(state_dict)).items()}
+    unknown = sorted(set(state_dict) - set(reverse))
+    if unknown:
+        raise ValueError(f"keys with no official counterpart: {unknown[:8]}")
+    return {
+        reverse[key]: tensor.reshape(1, -1) if reverse[key] in _EMBEDDINGS else tensor for key, tensor in state_dict.items()
+    }
+
+
+def read_official_expert(path: str | Path) -> dict[str, torch.Tensor]:
+    """Our-layout state dict from a `pretrained_expert_*.pth` file (tensors only, no pickled code)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: expert checkpoint not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return expert_from_official(state)
+
+
+def expert_dims(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """ExpertConfig sizes implied by an (our-layout) expert state dict."""
+    return {
+        "embedding_dim": state_dict["ltfm.abnormal_embedding"].shape[0],
+        "class_dim": state_dict["ltfm.class_head.2.weight"].shape[0],
+        "attention_dim": state_dict["selector.query_proj.weight"].shape[0],
+        "predictor_dim": state_dict["selector.score_head.0.weight"].shape[0],
+    }
+
+
+def load_official_expert(expert: AnomalyExpert, path: str | Path) -> None:
+    """Load a `pretrained_expert_*.pth` into our expert; every key and shape must match."""
+    converted = read_official_expert(path)
+    expected = expert.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        raise ValueError(f"{path}: the expert checkpoint lacks {missing}")
+    for key, tensor in converted.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+    expert.load_state_dict(converted, strict=True)
+
+
+def from_llava_onevision(
+    llava_path: str | Path, expert_path: str | Path | None = None, roi: dict | None = None, expert: dict | None = None
+):
+    """An assistant whose LLaVA-OneVision weights come from a llava-hf folder (expert random unless given)."""
+    llava_path = Path(llava_path)
+    if expert_path is not None:
+        expert = {**expert_dims(read_official_expert(expert_path)), **(expert or {})}
+    base = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(llava_path)
+    config = base.config
+    model, processor = create_assistant(
+        config.vision_config,
+        config.text_config.to_dict(),
+        tokenizer,
+        expert=expert,
+        roi=roi,
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_aspect_ratio=config.vision_aspect_ratio,
+    )
+    if model.config.image_token_id != config.image_token_id:
+        raise ValueError(f"tokenizer's <image> id {model.config.image_token_id} differs from the checkpoint's {config.image_token_id}")
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    missing = [key for key in missing if not key.startswith("model.anomaly_expert.")]
+    if missing or unexpected:
+        raise ValueError(f"LLaVA-OneVision weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if expert_path is not None:
+        load_official_expert(model.anomaly_expert, expert_path)
+    return model, processor
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    roi = {"enabled": not args.no_roi}
+    model, processor = from_llava_onevision(args.llava, args.expert, roi=roi)
+    print(save_assistant(model, processor, args.output))
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("convert", help="build an assistant checkpoint from llava-hf + Anomaly-OV weights")
+    parser.add_argument("--llava", required=True, help="local llava-hf LLaVA-OneVision folder")
+    parser.add_argument("--expert", help="official pretrained_expert_*.pth (random expert if omitted)")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--no-roi", action="store_true", help="Anomaly-OV exactly: no Triad ROI tokens")
+    parser.set_defaults(handler=cmd_convert)

@@ -1,0 +1,265 @@
+"""One interface for every surface (CLI, app, evaluations) over interchangeable backends.
+
+`LocalEngine` runs the model in-process with transformers (the embedded default, CPU or GPU); the
+OpenAI-compatible endpoint backend lives in `assistant/client.py`. A `Conversation` is one image
+(plus optional normal references) and its chat history; the image is encoded once and reused by every
+later turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from .heatmap import resize_map
+from .image_io import ImageInput, load_image
+from .modeling import AssistantForConditionalGeneration, ImageEncoding
+from .processing import AssistantProcessor
+from .verdict import Box, Verdict
+
+DETECTION_QUESTION = "Are there any defects for the object in the image? Please reply with 'Yes' or 'No'."
+INSPECTION_QUESTION = "Is there any defect in the object? If there is, describe the defect and where it is."
+DEFECT_QUESTION = "Name the type of the defect in a few words."
+REFERENCE_INTRO = "The first {n} image(s) show normal samples of the object; the last image is the query."
+
+
+@dataclass
+class Analysis:
+    """The expert's view of one query image at the image's own resolution."""
+
+    score: float  # calibrated probability of an anomaly
+    anomalous: bool
+    heatmap: np.ndarray  # [H, W] in [0, 1]
+    boxes: list[Box]
+
+
+@dataclass
+class Conversation:
+    """A chat about one query image (optionally preceded by normal reference images)."""
+
+    image: Image.Image | None = None
+    references: list[Image.Image] = field(default_factory=list)
+    messages: list[dict[str, str]] = field(default_factory=list)  # {"role": "user"|"assistant", "content": str}
+
+    @classmethod
+    def start(
+        cls, image: ImageInput | None, question: str, references: Sequence[ImageInput] = ()
+    ) -> Conversation:
+        return cls(
+            image=None if image is None else load_image(image, "image"),
+            references=[load_image(r, f"reference {i + 1}") for i, r in enumerate(references)],
+            messages=[{"role": "user", "content": question}],
+        )
+
+    def ask(self, question: str) -> Conversation:
+        self.messages.append({"role": "user", "content": question})
+        return self
+
+    def answer(self, text: str) -> Conversation:
+        self.messages.append({"role": "assistant", "content": text})
+        return self
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [*self.references, self.image] if self.image is not None else []
+
+    def chat(self) -> list[dict]:
+        """Messages in the processor's chat-template format; the images open the first user turn."""
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise ValueError("the conversation must end with a user question")
+        chat = []
+        for index, message in enumerate(self.messages):
+            content: list[dict] = [{"type": "text", "text": message["content"]}]
+            if index == 0 and self.images:
+                intro = [{"type": "text", "text": REFERENCE_INTRO.format(n=len(self.references)) + "\n"}] if self.references else []
+                content = intro + [{"type": "image"} for _ in self.images] + content
+            chat.append({"role": message["role"], "content": content})
+        return chat
+
+
+class Engine(Protocol):
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis: ...
+
+    def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]: ...
+
+    def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]: ...
+
+    def choice_probabilities(self, conversations: Sequence[Conversation], choices: Sequence[str]) -> list[dict[str, float]]: ...
+
+
+def inspect(
+    engine: Engine,
+    image: ImageInput,
+    references: Sequence[ImageInput] = (),
+    question: str = INSPECTION_QUESTION,
+    max_new_tokens: int = 256,
+) -> Verdict:
+    """Verdict for one image: expert score/heatmap/boxes, the LLM's reasoning, and the defect type."""
+    conversation = Conversation.start(image, question, references)
+    analysis = engine.analyze(conversation.image, conversation.references)
+    reasoning = engine.complete([conversation], max_new_tokens)[0].strip()
+    defect = None
+    if analysis.anomalous:
+        conversation.answer(reasoning).ask(DEFECT_QUESTION)
+        defect = engine.complete([conversation], 32)[0].strip() or None
+    return Verdict(
+        anomalous=analysis.anomalous,
+        score=analysis.score,
+        heatmap=analysis.heatmap,
+        boxes=analysis.boxes,
+        defect=defect,
+        reasoning=reasoning,
+    )
+
+
+def _image_key(images: Sequence[Image.Image]) -> str:
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class LocalEngine:
+    """In-process transformers backend with an LRU cache of encoded images."""
+
+    def __init__(self, model: AssistantForConditionalGeneration, processor: AssistantProcessor, cache_size: int = 8):
+        self.model = model.eval()
+        self.processor = processor
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
+        self._lock = threading.Lock()  # one generation at a time on a shared model
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+    ) -> LocalEngine:
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no model checkpoint here (config.json missing)")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        model = AssistantForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        return cls(model, AssistantProcessor.from_pretrained(path, config=model.config))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- images ---------------------------------------------------------------------------------------
+    def encode(self, images: Sequence[Image.Image]) -> ImageEncoding:
+        """Encode a query (last) with its references, cached by pixel content."""
+        key = _image_key(images)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        inputs = self.processor.preprocess_images([list(images)])
+        with torch.inference_mode():
+            encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()})
+        self._cache[key] = encoding
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return encoding
+
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
+        image = load_image(image, "image")
+        images = [load_image(r, f"reference {i + 1}") for i, r in enumerate(references)] + [image]
+        analysis = self.encode(images).analysis
+        expert = self.model.config.expert_config
+        score = float(analysis.calibrated_scores(expert)[0])
+        heatmap = resize_map(analysis.heatmaps[0].float().cpu(), (image.height, image.width)).clamp(0, 1).numpy()
+        source_h, source_w = analysis.heatmaps[0].shape
+        scale_x, scale_y = image.width / source_w, image.height / source_h
+        boxes = [
+            Box(
+                x0=int(x0 * scale_x),
+                y0=int(y0 * scale_y),
+                x1=min(image.width, max(int(x0 * scale_x) + 1, round(x1 * scale_x))),
+                y1=min(image.height, max(int(y0 * scale_y) + 1, round(y1 * scale_y))),
+                score=min(1.0, max(0.0, scored.score)),
+            )
+            for scored in analysis.boxes[0]
+            for x0, y0, x1, y1 in [scored.box]
+        ]
+        anomalous = score >= expert.decision_threshold
+        return Analysis(score=score, anomalous=anomalous, heatmap=heatmap, boxes=boxes if anomalous else [])
+
+    # -- text -----------------------------------------------------------------------------------------
+    def _prompt_embeddings(self, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded input embeddings with every conversation's cached image embeddings merged in."""
+        texts = [self.processor.apply_chat_template(c.chat(), add_generation_prompt=True, tokenize=False) for c in conversations]
+        sizes = [[(im.height, im.width) for im in c.images] for c in conversations]
+        batch = self.processor.tokenize(texts, sizes, padding_side="left")
+        input_ids = batch["input_ids"].to(self.device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        image_embeddings = [self.encode(c.images).embeddings for c in conversations if c.images]
+        if image_embeddings:
+            embeds = self.model.model.merge_image_embeddings(input_ids, embeds, torch.cat(image_embeddings))
+        return embeds, batch["attention_mask"].to(self.device)
+
+    def _generation_kwargs(self, max_new_tokens: int) -> dict:
+        tokenizer = self.processor.tokenizer
+        return {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+
+    def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
+        """Greedy answers for a batch of conversations (one padded generate call)."""
+        with self._lock, torch.inference_mode():
+            embeds, mask = self._prompt_embeddings(conversations)
+            tokens = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generation_kwargs(max_new_tokens))
+        return self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
+        """Yield the answer's text as it is generated (greedy)."""
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        with self._lock:
+            with torch.inference_mode():
+                embeds, mask = self._prompt_embeddings([conversation])
+            errors: list[BaseException] = []
+
+            def generate() -> None:
+                try:
+                    with torch.inference_mode():
+                        self.model.generate(
+                            inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **self._generation_kwargs(max_new_tokens)
+                        )
+                except BaseException as error:  # surfaced in the caller's thread below
+                    errors.append(error)
+                    streamer.end()
+
+            worker = threading.Thread(target=generate, daemon=True)
+            worker.start()
+            yield from (chunk for chunk in streamer if chunk)
+            worker.join()
+        if errors:
+            raise errors[0]
+
+    def choice_probabilities(self, conversations: Sequence[Conversation], choices: Sequence[str]) -> list[dict[str, float]]:
+        """Probabilities of each choice's first token as the next token, renormalised over the choices.
+
+        This is how a chat answer gets a ranking score (e.g. P(Yes) for image AUROC).
+        """
+        tokenizer = self.processor.tokenizer
+        choice_ids = [tokenizer.encode(choice, add_special_tokens=False)[0] for choice in choices]
+        if len(set(choice_ids)) != len(choice_ids):
+            raise ValueError(f"choices {list(choices)} do not start with distinct tokens")
+        with self._lock, torch.inference_mode():
+            embeds, mask = self._prompt_embeddings(conversations)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        probs = logits[:, -1, choice_ids].float().softmax(-1).cpu()
+        return [dict(zip(choices, row.tolist())) for row in probs]

@@ -1,0 +1,182 @@
+"""Factory functions (open_clip style): build configs, processors and models from parts.
+
+`create_assistant` wires any SigLIP-style vision config, any causal-LM text config and a tokenizer into
+a consistent (model, processor) pair: it adds the `<image>` token, stores the suspicion phrase ids and
+the normalisation in the config, and scales the AnyRes grid to the crop size. `tiny_assistant` builds
+a random model small enough for tests and smoke runs, with a byte-level BPE tokenizer trained in memory,
+so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, SiglipVisionConfig
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+from .config import AssistantConfig
+from .modeling import AssistantForConditionalGeneration
+from .processing import CHAT_TEMPLATE, IMAGE_TOKEN, AssistantProcessor, suspicion_phrase_ids
+
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
+
+
+def grid_pinpoints(crop_size: int, max_tiles_per_side: int = 6) -> list[list[int]]:
+    """LLaVA-OneVision's (1x1)...(6x6) AnyRes resolutions for a given crop size."""
+    sides = range(1, max_tiles_per_side + 1)
+    return [[crop_size * rows, crop_size * cols] for rows in sides for cols in sides]
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add `<image>` and the ChatML template if the tokenizer lacks them."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def create_config(
+    vision_config: SiglipVisionConfig | dict,
+    text_config: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    expert: dict | None = None,
+    roi: dict | None = None,
+    image_mean: list[float] = SIGLIP_MEAN,
+    image_std: list[float] = SIGLIP_STD,
+    **kwargs,
+) -> AssistantConfig:
+    vision = vision_config.to_dict() if isinstance(vision_config, SiglipVisionConfig) else dict(vision_config)
+    vision.setdefault("model_type", "siglip_vision_model")
+    text = dict(text_config)
+    text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
+    return AssistantConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=kwargs.pop("image_grid_pinpoints", grid_pinpoints(vision["image_size"])),
+        expert=expert,
+        roi=roi,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        tie_word_embeddings=text.get("tie_word_embeddings", False),
+        **suspicion_phrase_ids(tokenizer),
+        **kwargs,
+    )
+
+
+def create_processor(config: AssistantConfig, tokenizer: PreTrainedTokenizerBase) -> AssistantProcessor:
+    crop = config.crop_size
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": crop, "width": crop},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        image_mean=config.image_mean,
+        image_std=config.image_std,
+    )
+    return AssistantProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE, config=config)
+
+
+def create_assistant(
+    vision_config: SiglipVisionConfig | dict,
+    text_config: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    **config_kwargs,
+) -> tuple[AssistantForConditionalGeneration, AssistantProcessor]:
+    """A randomly initialised model and its processor (load real weights into it afterwards)."""
+    tokenizer = prepare_tokenizer(tokenizer)
+    config = create_config(vision_config, text_config, tokenizer, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AssistantForConditionalGeneration(config).eval()
+    return model, create_processor(config, tokenizer)
+
+
+# -- tiny random models for tests and smoke runs -------------------------------------------------------------
+
+TINY_CORPUS = [
+    "Yes. No. There is a scratch on the surface of the object.",
+    "The image shows a crack near the top left corner and a hole in the center.",
+    "There are no defects; the object looks normal and clean.",
+    "with slightly moderately highly suspicious features: ",
+    "Are there any defects for the object in the image? Please reply with 'Yes' or 'No'.",
+    "A contamination stain, a dent, a bent wire, a missing part, a broken edge, a color defect.",
+    "The defect is located at the bottom right. The textile fabric has a local defect.",
+    "What type of defect is it? Describe the anomaly and where it is.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ChatML specials, trained on a few sentences in memory."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHAT_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_CORPUS * 4, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", IMAGE_TOKEN],
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def tiny_vision_config(image_size: int = 56, patch_size: int = 14, layers: int = 4) -> dict:
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "vision_use_head": False,
+    }
+
+
+def tiny_text_config(model_type: str = "qwen2", vocab_size: int = 512) -> dict:
+    return {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,  # head dim 32: supported by vLLM's CPU attention
+        "num_key_value_heads": 1,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+
+
+def tiny_assistant(
+    seed: int = 0, roi: bool | dict = True, text_model: str = "qwen2", expert: dict | None = None, **config_kwargs
+) -> tuple[AssistantForConditionalGeneration, AssistantProcessor]:
+    """A random ~0.35M-parameter assistant: 56 px crops of 4x4 patches, 2-layer LLM with head dim 32.
+
+    `roi`: on/off, or RoiConfig fields (ROI source images default to 224 px here).
+    """
+    tokenizer = tiny_tokenizer()
+    expert = {"feature_layers": [1, 2, 3, 4], "embedding_dim": 32, "class_dim": 32, "attention_dim": 32, "predictor_dim": 32, **(expert or {})}
+    roi_config = {"source_max_side": 224, **(roi if isinstance(roi, dict) else {"enabled": roi})}
+    return create_assistant(
+        tiny_vision_config(), tiny_text_config(text_model), tokenizer, seed=seed, expert=expert, roi=roi_config, **config_kwargs
+    )
+
+
+def save_assistant(model: AssistantForConditionalGeneration, processor: AssistantProcessor, path: str | Path) -> Path:
+    """Model (safetensors), config, tokenizer and image processor in one folder."""
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path

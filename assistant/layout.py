@@ -1,0 +1,106 @@
+"""Where every visual token of an image goes in the LLM input, computed from the image size alone.
+
+The processor, the model and the vLLM plugin all call these functions, so the number of placeholder
+tokens can never disagree between them. A query image expands to
+
+    [base + AnyRes tokens] "with" [adverb] " suspicious features:" [global, crop-0 and grid expert tokens] [ROI tokens]
+
+where every bracketed run is made of image-token positions whose embeddings the model supplies.
+Reference (normal) images in a few-shot prompt use LLaVA-OneVision's multi-image form: the base crop
+plus one newline, no expert tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from transformers.image_processing_utils import select_best_resolution
+
+from .config import AssistantConfig
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Token counts of one image, in the order they appear in the prompt."""
+
+    is_query: bool
+    grid: tuple[int, int]  # AnyRes tiles (rows, cols); (0, 0) for a reference image
+    num_base: int
+    num_adverb: int
+    num_expert: int
+    num_roi: int
+
+    @property
+    def num_embeddings(self) -> int:
+        """Positions whose embeddings come from the model (all image-token positions)."""
+        return self.num_base + self.num_adverb + self.num_expert + self.num_roi
+
+
+def anyres_grid(image_size: tuple[int, int], config: AssistantConfig) -> tuple[int, int]:
+    """Rows and columns of crop-size tiles that AnyRes cuts an image of (height, width) into."""
+    best_height, best_width = select_best_resolution(list(image_size), config.image_grid_pinpoints)
+    return best_height // config.crop_size, best_width // config.crop_size
+
+
+def base_token_count(image_size: tuple[int, int], config: AssistantConfig) -> int:
+    """LLaVA-OneVision's AnyRes count: base crop + unpadded tile grid + one newline per grid row."""
+    height, width = image_size
+    side = config.patches_per_side
+    rows, cols = anyres_grid(image_size, config)
+    current_height, current_width = side * rows, side * cols
+    if width / height > current_width / current_height:
+        new_height = int(round(height * (current_width / width), 7))
+        current_height -= 2 * ((current_height - new_height) // 2)
+    else:
+        new_width = int(round(width * (current_height / height), 7))
+        current_width -= 2 * ((current_width - new_width) // 2)
+    unpadded, newlines = current_height * current_width, current_height
+    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    ratio = math.sqrt(current_height * current_width / (max_tiles * side**2))
+    if ratio > 1.1:
+        unpadded = int(current_height // ratio) * int(current_width // ratio)
+        newlines = int(current_height // ratio)
+    return side * side + unpadded + newlines
+
+
+def expert_token_count(grid: tuple[int, int], config: AssistantConfig) -> int:
+    """Global token + crop-0 tokens + the tiles' tokens as a (p*rows) x (p*cols) grid with row newlines."""
+    pooled = config.expert_config.pooled_side
+    rows, cols = grid
+    return 1 + pooled * pooled + (pooled * rows) * (pooled * cols) + pooled * rows
+
+
+def roi_tokens_per_box(config: AssistantConfig) -> int:
+    roi = config.roi_config
+    side = config.patches_per_side // roi.pool
+    return side * side + (side if roi.newline else 0)
+
+
+def image_layout(image_size: tuple[int, int], config: AssistantConfig, is_query: bool = True) -> ImageLayout:
+    if not is_query:
+        return ImageLayout(False, (0, 0), config.patches_per_side**2 + 1, 0, 0, 0)
+    grid = anyres_grid(image_size, config)
+    roi = config.roi_config
+    return ImageLayout(
+        is_query=True,
+        grid=grid,
+        num_base=base_token_count(image_size, config),
+        num_adverb=len(config.adverb_token_ids[0]),
+        num_expert=expert_token_count(grid, config),
+        num_roi=roi.max_boxes * roi_tokens_per_box(config) if roi.enabled else 0,
+    )
+
+
+def expand_image_ids(layout: ImageLayout, config: AssistantConfig) -> list[int]:
+    """The token ids that replace one image placeholder; image-token positions get model embeddings."""
+    image = config.image_token_id
+    if not layout.is_query:
+        return [image] * layout.num_base
+    return (
+        [image] * layout.num_base
+        + list(config.phrase_prefix_ids)
+        + [image] * layout.num_adverb
+        + list(config.phrase_suffix_ids)
+        + [image] * (layout.num_expert + layout.num_roi)
+    )

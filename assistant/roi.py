@@ -1,0 +1,125 @@
+"""Expert-guided regions of interest (Triad's EG-RoI): anomaly map -> square boxes to crop and re-encode.
+
+Triad binarises the map at 90% of its dynamic range, takes the external contours' boxes, grows each to
+at least one crop, merges overlapping ones and squares them. We keep that rule for the boxes we show,
+sort them by their peak score, and then fill up to a fixed number of boxes around the next most
+suspicious peaks, so every query image always carries the same number of ROI tokens (vLLM needs the
+token count before the model runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .config import RoiConfig
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+
+
+@dataclass(frozen=True)
+class ScoredBox:
+    box: Box
+    score: float  # peak of the anomaly map inside the box
+
+
+def _fit_span(start: int, stop: int, min_length: int, limit: int) -> tuple[int, int]:
+    """Grow [start, stop) around its centre to min_length, shifted to stay inside [0, limit)."""
+    length = stop - start
+    if length >= min_length:
+        return start, stop
+    if min_length >= limit:
+        return 0, limit
+    start = (start + stop) // 2 - min_length // 2
+    start = min(max(start, 0), limit - min_length)
+    return start, start + min_length
+
+
+def grow_box(box: Box, min_side: int, width: int, height: int) -> Box:
+    x0, x1 = _fit_span(box[0], box[2], min_side, width)
+    y0, y1 = _fit_span(box[1], box[3], min_side, height)
+    return x0, y0, x1, y1
+
+
+def square_box(box: Box, width: int, height: int) -> Box:
+    side = max(box[2] - box[0], box[3] - box[1])
+    return grow_box(box, side, width, height)
+
+
+def overlap_of_smaller(a: Box, b: Box) -> float:
+    """Intersection over the smaller box's area (Triad's merge criterion)."""
+    inter_w = min(a[2], b[2]) - max(a[0], b[0])
+    inter_h = min(a[3], b[3]) - max(a[1], b[1])
+    if inter_w <= 0 or inter_h <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return inter_w * inter_h / smaller
+
+
+def merge_boxes(boxes: list[Box], min_overlap: float) -> list[Box]:
+    """Replace overlapping boxes by their union until no pair overlaps more than min_overlap."""
+    boxes = list(boxes)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                if overlap_of_smaller(boxes[i], boxes[j]) > min_overlap:
+                    a, b = boxes[i], boxes.pop(j)
+                    boxes[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    merged = True
+                    break
+            if merged:
+                break
+    return boxes
+
+
+def _peak(anomaly_map: np.ndarray, box: Box) -> float:
+    return float(anomaly_map[box[1] : box[3], box[0] : box[2]].max())
+
+
+def detect_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> list[ScoredBox]:
+    """Triad's rule: threshold, contours, grow to one crop, merge, square; best `max_boxes` by peak."""
+    if anomaly_map.ndim != 2 or anomaly_map.size == 0:
+        raise ValueError(f"anomaly map must be a non-empty 2-D array, got shape {anomaly_map.shape}")
+    height, width = anomaly_map.shape
+    low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    if not np.isfinite([low, high]).all():
+        raise ValueError("anomaly map contains NaN or infinite values")
+    if high - low <= 1e-12:
+        return []  # a flat map points nowhere
+    binary = (anomaly_map >= low + config.threshold_ratio * (high - low)).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    boxes = []
+    for contour in contours:
+        x, y, w, h = cv2.boundingRect(contour)
+        boxes.append(grow_box((x, y, x + w, y + h), min_side, width, height))
+    boxes = [square_box(box, width, height) for box in merge_boxes(boxes, config.merge_overlap)]
+    scored = sorted((ScoredBox(box, _peak(anomaly_map, box)) for box in set(boxes)), key=lambda s: (-s.score, s.box))
+    return scored[: config.max_boxes]
+
+
+def fill_boxes(anomaly_map: np.ndarray, boxes: list[Box], min_side: int, count: int) -> list[Box]:
+    """Add square boxes around the highest peaks outside the chosen boxes until there are `count`."""
+    height, width = anomaly_map.shape
+    remaining = anomaly_map.astype(np.float64, copy=True)
+    for x0, y0, x1, y1 in boxes:
+        remaining[y0:y1, x0:x1] = -np.inf
+    boxes = list(boxes)
+    while len(boxes) < count:
+        if np.isneginf(remaining).all():
+            remaining = anomaly_map.astype(np.float64, copy=True)  # whole image covered: allow repeats
+        y, x = np.unravel_index(int(np.argmax(remaining)), remaining.shape)
+        box = grow_box((int(x), int(y), int(x) + 1, int(y) + 1), min_side, width, height)
+        boxes.append(box)
+        remaining[box[1] : box[3], box[0] : box[2]] = -np.inf
+    return boxes
+
+
+def roi_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> tuple[list[ScoredBox], list[Box]]:
+    """Detected boxes (to show) and exactly `max_boxes` crop boxes (to encode)."""
+    detected = detect_boxes(anomaly_map, min_side, config)
+    crops = fill_boxes(anomaly_map, [s.box for s in detected], min_side, config.max_boxes)
+    return detected, crops

@@ -1,0 +1,97 @@
+"""The in-process engine (streaming, multi-turn, batching, choice probabilities) and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from assistant.cli import main
+from assistant.engine import Conversation, LocalEngine, inspect
+from assistant.verdict import Verdict
+from tests.conftest import defect_image
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    return LocalEngine.from_pretrained(tiny_path, device="cpu")
+
+
+def test_streamed_answer_equals_the_batch_answer(engine):
+    conversation = Conversation.start(defect_image(), "Are there any defects?")
+    streamed = "".join(engine.stream(conversation, max_new_tokens=12))
+    assert streamed == engine.complete([conversation], max_new_tokens=12)[0]
+
+
+def test_batched_answers_equal_single_answers(engine):
+    first = Conversation.start(defect_image(90, 150), "Any defect?")
+    second = Conversation.start(defect_image(seed=4), "Describe the part.", references=[defect_image(defect=False)])
+    batch = engine.complete([first, second], max_new_tokens=8)
+    assert batch == [engine.complete([first], 8)[0], engine.complete([second], 8)[0]]
+
+
+def test_follow_up_turns_reuse_the_cached_image(engine, monkeypatch):
+    conversation = Conversation.start(defect_image(seed=7), "Is it defective?")
+    answer = engine.complete([conversation], 6)[0]
+    calls = []
+    original = engine.model.encode_images
+    monkeypatch.setattr(engine.model, "encode_images", lambda **kw: calls.append(1) or original(**kw))
+    conversation.answer(answer).ask("Where is the defect?")
+    follow_up = engine.complete([conversation], 6)[0]
+    assert calls == [] and isinstance(follow_up, str)
+    # The history changes the prompt, so the model sees both turns.
+    texts = engine.processor.apply_chat_template(conversation.chat(), add_generation_prompt=True, tokenize=False)
+    assert texts.count("<|im_start|>user") == 2 and texts.count("<image>") == 1
+
+
+def test_choice_probabilities_are_a_distribution(engine):
+    conversations = [Conversation.start(defect_image(seed=s), "Defect? Yes or No.") for s in range(3)]
+    probabilities = engine.choice_probabilities(conversations, ["Yes", "No"])
+    assert len(probabilities) == 3
+    for row in probabilities:
+        assert set(row) == {"Yes", "No"} and sum(row.values()) == pytest.approx(1.0)
+    single = engine.choice_probabilities(conversations[1:2], ["Yes", "No"])[0]
+    assert single["Yes"] == pytest.approx(probabilities[1]["Yes"], abs=1e-5)
+
+
+def test_verdict_has_image_resolution_heatmap_and_consistent_fields(engine):
+    image = defect_image(130, 170)
+    verdict = inspect(engine, image, max_new_tokens=8)
+    assert verdict.heatmap.shape == (130, 170)
+    assert 0.0 <= verdict.score <= 1.0
+    assert verdict.anomalous == (verdict.score >= engine.model.config.expert_config.decision_threshold)
+    assert verdict.anomalous or verdict.boxes == []
+
+
+def test_anomalous_verdict_names_boxes_and_defect(tiny_path):
+    engine = LocalEngine.from_pretrained(tiny_path, device="cpu")
+    torch.nn.init.constant_(engine.model.anomaly_expert.selector.score_head[2].bias, 30.0)
+    verdict = inspect(engine, defect_image(), max_new_tokens=4)
+    assert verdict.anomalous and verdict.score > 0.99
+    assert verdict.boxes and all(b.x1 <= 160 and b.y1 <= 120 for b in verdict.boxes)
+    assert verdict.defect is None or isinstance(verdict.defect, str)
+
+
+def test_cli_inspect_prints_a_valid_verdict_json(tiny_path, image_file, capsys, tmp_path):
+    overlay = tmp_path / "overlay.png"
+    code = main(["inspect", image_file, "--model", str(tiny_path), "--json", "--max-new-tokens", "4", "--heatmap-out", str(overlay)])
+    assert code == 0
+    verdict = Verdict.model_validate(json.loads(capsys.readouterr().out))
+    assert verdict.heatmap.shape == (120, 160)
+    assert overlay.exists()
+
+
+def test_cli_reports_bad_inputs_without_a_traceback(tiny_path, image_file, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert main(["inspect", str(bad), "--model", str(tiny_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["inspect", image_file, "--model", str(tmp_path / "nowhere")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+
+
+def test_cli_init_tiny_writes_a_loadable_model(tmp_path, capsys):
+    assert main(["init-tiny", str(tmp_path / "m"), "--no-roi"]) == 0
+    engine = LocalEngine.from_pretrained(tmp_path / "m", device="cpu")
+    assert not engine.model.config.roi_config.enabled
+    assert np.isfinite(engine.analyze(defect_image()).score)

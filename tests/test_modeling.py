@@ -1,0 +1,142 @@
+"""The full model: ROI on/off, reference images, adverb choice, save/load, generation, training loss."""
+
+import copy
+
+import pytest
+import torch
+
+from assistant import AssistantForConditionalGeneration, AssistantProcessor
+from assistant.factory import tiny_assistant
+from tests.conftest import defect_image
+
+
+def inputs_for(processor, images, question="Are there any defects?"):
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return processor(text=text, images=images)
+
+
+@pytest.mark.parametrize("roi", [True, False])
+def test_forward_with_and_without_roi(roi, tiny, tiny_no_roi):
+    model, processor = tiny if roi else tiny_no_roi
+    inputs = inputs_for(processor, [defect_image()])
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    analysis = out.analysis
+    assert analysis.scores.shape == (1,)
+    assert analysis.heatmaps[0].shape == tuple(inputs["source_sizes"][0].tolist())
+    assert len(analysis.roi_boxes[0]) == model.config.roi_config.max_boxes
+
+
+def test_forward_with_a_reference_image(tiny):
+    model, processor = tiny
+    inputs = inputs_for(processor, [defect_image(defect=False, seed=3), defect_image()])
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.analysis.scores.shape == (1,)  # only the query is analysed
+    assert torch.isfinite(out.logits).all()
+
+
+def test_roi_tokens_come_from_the_chosen_regions(tiny):
+    """Changing pixels inside the ROI crops changes the ROI embeddings; the rest of the layout is fixed."""
+    model, processor = tiny
+    inputs = inputs_for(processor, [defect_image()])
+    with torch.no_grad():
+        first = model.encode_images(**{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
+        changed = dict(inputs)
+        changed["roi_pixel_values"] = 255 - inputs["roi_pixel_values"]
+        second = model.encode_images(**{k: v for k, v in changed.items() if k not in ("input_ids", "attention_mask")})
+    layout = first.layouts[0]
+    roi_start = layout.num_embeddings - layout.num_roi
+    torch.testing.assert_close(first.embeddings[:roi_start], second.embeddings[:roi_start])
+    assert not torch.allclose(first.embeddings[roi_start:], second.embeddings[roi_start:])
+
+
+def test_external_roi_map_decides_the_boxes():
+    model, processor = tiny_assistant(roi={"map_source": "external"})
+    image = defect_image(200, 200)
+    anomaly_map = torch.zeros(200, 200)
+    anomaly_map[150:160, 20:30] = 1.0
+    content = [{"type": "image"}, {"type": "text", "text": "defect?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[image], roi_maps=[anomaly_map.numpy()])
+    with torch.no_grad():
+        analysis = model(**inputs).analysis
+    x0, y0, x1, y1 = analysis.boxes[0][0].box
+    assert x0 <= 20 and x1 >= 30 and y0 <= 150 and y1 >= 160
+    with pytest.raises(ValueError, match="roi_maps"):
+        model(**processor(text=text, images=[image]))
+
+
+@pytest.mark.parametrize("bias, adverb", [(-20.0, 0), (0.0, 1), (20.0, 2)])
+def test_score_picks_the_suspicion_adverb(tiny, bias, adverb):
+    model, processor = tiny
+    model = copy.deepcopy(model)
+    head = model.anomaly_expert.selector.score_head[2]
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.constant_(head.bias, bias)  # score = sigmoid(bias): ~0, 0.5, ~1
+    inputs = inputs_for(processor, [defect_image()])
+    with torch.no_grad():
+        encoding = model.encode_images(**{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
+    layout = encoding.layouts[0]
+    written = encoding.embeddings[layout.num_base : layout.num_base + layout.num_adverb]
+    expected = model.get_input_embeddings()(torch.tensor(model.config.adverb_token_ids[adverb]))
+    torch.testing.assert_close(written, expected)
+
+
+def test_save_and_load_give_identical_logits(tiny, tiny_path):
+    model, processor = tiny
+    loaded = AssistantForConditionalGeneration.from_pretrained(tiny_path).eval()
+    loaded_processor = AssistantProcessor.from_pretrained(tiny_path)
+    image = defect_image(90, 150)
+    a, b = inputs_for(processor, [image]), inputs_for(loaded_processor, [image])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(**a).logits, loaded(**b).logits)
+    assert (tiny_path / "model.safetensors").exists()
+    assert not list(tiny_path.glob("*.bin"))
+
+
+def test_generation_runs_end_to_end(tiny):
+    model, processor = tiny
+    inputs = inputs_for(processor, [defect_image()])
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 6 or processor.tokenizer.eos_token_id in tokens[0]
+
+
+def test_loss_only_on_labelled_tokens_and_gradients_reach_the_expert(tiny):
+    model, processor = tiny
+    model = copy.deepcopy(model).train()
+    inputs = inputs_for(processor, [defect_image()])
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, -3:] = inputs["input_ids"][0, -3:]
+    out = model(**inputs, labels=labels)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad is not None
+    assert model.anomaly_expert.selector.query_proj.weight.grad.abs().sum() > 0
+    # Same loss as the full-vocabulary cross-entropy over every position.
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+        torch.testing.assert_close(model(**inputs, labels=labels).loss, reference)
+
+
+def test_mismatched_placeholders_give_a_clear_error(tiny):
+    model, processor = tiny
+    inputs = inputs_for(processor, [defect_image()])
+    keep = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    keep[0, inputs["input_ids"][0].tolist().index(processor.image_token_id)] = False
+    inputs["input_ids"] = inputs["input_ids"][keep][None]
+    inputs["attention_mask"] = inputs["attention_mask"][keep][None]
+    with pytest.raises(ValueError, match="image-token positions"):
+        model(**inputs)
+
+
+def test_llama_text_model_also_works():
+    model, processor = tiny_assistant(text_model="llama")
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs_for(processor, [defect_image()])).logits).all()
