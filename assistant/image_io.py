@@ -64,10 +64,10 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
 
 def _from_array(array: np.ndarray, name: str) -> Image.Image:
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
-        if array.dtype == np.uint16:
-            return Image.fromarray(array.squeeze(), mode="I;16") if array.ndim == 2 or array.shape[2] == 1 else (
-                Image.fromarray((array >> 8).astype(np.uint8))
-            )
+        if array.dtype == np.uint16:  # 16-bit: grayscale stays 16-bit ("I;16"), colour keeps the high byte
+            if array.ndim == 3 and array.shape[2] == 1:
+                array = array[..., 0]
+            return Image.fromarray(array if array.ndim == 2 else (array >> 8).astype(np.uint8))
         if array.dtype != np.uint8:
             if not np.isfinite(array).all():
                 raise ImageError(f"{name}: array contains NaN or infinite values")

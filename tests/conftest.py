@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Before transformers/gradio are imported: tests never reach a hub or a telemetry endpoint.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
 import numpy as np
 import pytest
 import torch

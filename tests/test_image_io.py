@@ -46,7 +46,7 @@ def test_decompression_bomb_is_refused_before_decoding():
 
 def test_sixteen_bit_grayscale_keeps_its_dynamic_range():
     array = np.linspace(1000, 3000, 32 * 32).reshape(32, 32).astype(np.uint16)
-    image = load_image(encoded(Image.fromarray(array, mode="I;16")))
+    image = load_image(encoded(Image.fromarray(array)))
     pixels = np.asarray(image)
     assert image.mode == "RGB" and pixels.min() == 0 and pixels.max() == 255
 
@@ -74,6 +74,8 @@ def test_exif_orientation_is_applied():
 
 def test_arrays_and_bad_arrays():
     assert load_image(np.zeros((5, 6), dtype=np.uint8)).size == (6, 5)
+    wide = load_image(np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000)
+    assert np.asarray(wide).max() == 255 and np.asarray(wide).min() == 0
     assert load_image(np.ones((5, 6, 3), dtype=np.float32)).getpixel((0, 0)) == (255, 255, 255)
     with pytest.raises(ImageError, match="shape"):
         load_image(np.zeros((2, 3, 4, 5)))
