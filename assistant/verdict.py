@@ -33,7 +33,7 @@ class Box(BaseModel):
 def encode_heatmap(heatmap: np.ndarray) -> str:
     quantised = np.round(np.clip(heatmap, 0.0, 1.0) * 65535).astype(np.uint16)
     buffer = io.BytesIO()
-    Image.fromarray(quantised, mode="I;16").save(buffer, format="PNG")
+    Image.fromarray(quantised).save(buffer, format="PNG")  # uint16 -> "I;16" (Pillow 13 rejects an explicit mode)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -1,0 +1,106 @@
+"""`vllm.endpoint_plugins` entry point: POST /v1/inspect, the full Verdict beside chat completions.
+
+vLLM's API server loads it only when its name is in VLLM_PLUGINS (`anomaly-assistant serve` sets that).
+The route sits inside vLLM's middleware, so `--api-key` guards it like every /v1 route, and exceptions
+become vLLM's JSON errors (ValueError, e.g. a bad image -> 400 with the reason; unknown model -> 404).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handler's annotations to find the body.
+
+import asyncio
+import base64
+import binascii
+import os
+from argparse import Namespace
+
+import torch
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.datastructures import State
+from vllm.engine.protocol import EngineClient
+from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+from vllm.exceptions import VLLMNotFoundError
+
+from ..engine import INSPECTION_QUESTION
+from ..image_io import ImageError, load_image
+from ..verdict import Verdict
+from .analysis import analysis_engine
+from .inspection import ServerEngine
+from .plugin import INSPECT_PLUGIN_NAME
+
+DEVICE_ENV = "ASSISTANT_INSPECT_DEVICE"  # where the image side runs (default: cuda if available, else cpu)
+
+
+class InspectRequest(BaseModel):
+    model: str | None = None
+    image_url: str = Field(description="the query image as a data URL: data:image/png;base64,...")
+    reference_urls: list[str] = Field(default_factory=list, description="normal images of the same object (data URLs)")
+    question: str | None = Field(None, description=f"default: {INSPECTION_QUESTION!r}")
+    max_tokens: int = Field(256, ge=0, description="length of the reasoning; 0 = the expert's analysis only")
+
+
+def decode_data_url(url: str, name: str) -> Image.Image:
+    header, comma, payload = url.partition(",")
+    if not (header.startswith("data:") and header.endswith(";base64") and comma):
+        raise ImageError(f"{name}: expected a base64 data URL (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise ImageError(f"{name}: invalid base64 ({error})") from error
+    return load_image(data, name)
+
+
+class Inspector:
+    """The names this server answers to and, from the first request on, its `ServerEngine`."""
+
+    def __init__(self, chat: OpenAIServingChat, model_path: str, names: list[str], dtype: torch.dtype):
+        self.chat = chat
+        self.model_path = model_path
+        self.names = names
+        self.dtype = dtype
+        self._engine: ServerEngine | None = None
+        self._loading = asyncio.Lock()
+
+    async def engine(self) -> ServerEngine:
+        """Loaded on first use, so a server that only chats never holds the extra image side."""
+        async with self._loading:
+            if self._engine is None:
+                device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
+                analyst = await asyncio.to_thread(analysis_engine, self.model_path, self.dtype, device)
+                self._engine = ServerEngine(analyst, self.chat, self.names[0], asyncio.get_running_loop())
+        return self._engine
+
+    async def verdict(self, request: InspectRequest) -> Verdict:
+        if request.model is not None and request.model not in self.names:
+            raise VLLMNotFoundError(f"The model `{request.model}` does not exist.")
+        engine = await self.engine()
+
+        def run() -> Verdict:  # decoding and the vision pass stay off the event loop
+            image = decode_data_url(request.image_url, "image")
+            references = [decode_data_url(url, f"reference {i + 1}") for i, url in enumerate(request.reference_urls)]
+            return engine.verdict(image, references, request.question or INSPECTION_QUESTION, request.max_tokens)
+
+        return await asyncio.to_thread(run)
+
+
+class InspectPlugin:
+    name = INSPECT_PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter()
+
+        @router.post("/v1/inspect")
+        async def inspect_image(body: InspectRequest, raw_request: Request) -> Response:
+            verdict = await raw_request.app.state.anomaly_inspector.verdict(body)
+            return Response(verdict.model_dump_json(), media_type="application/json")
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: EngineClient, state: State, args: Namespace) -> None:
+        names = list(args.served_model_name or [args.model])
+        state.anomaly_inspector = Inspector(
+            state.openai_serving_chat, args.model, names, engine_client.model_config.dtype
+        )

@@ -1,0 +1,260 @@
+"""The image side of the assistant: vision tower -> expert analysis + one LLM embedding per image-token position.
+
+It lives apart from the language model so three hosts run the very same code: the transformers model
+(`modeling.py`), the vLLM model (`serve/model.py`, whose language model is vLLM's) and the server's
+inspect endpoint (`serve/analysis.py`, which loads only these modules). A host owns `config`,
+`vision_tower`, `multi_modal_projector`, `image_newline` and `anomaly_expert` under their checkpoint
+names and says how to embed text tokens (the suspicion adverb is written with the LLM's own token
+embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModel,
+    LlavaOnevisionMultiModalProjector,
+)
+
+from .config import AssistantConfig, ExpertConfig
+from .expert import AnomalyExpert, ExpertOutput
+from .heatmap import assemble_heatmap
+from .layout import ImageLayout, image_layout
+from .roi import Box, ScoredBox, roi_boxes
+
+# The image side's checkpoint names, below the transformers model's `model.` prefix.
+IMAGE_MODULES = ("vision_tower", "multi_modal_projector", "image_newline", "anomaly_expert")
+
+
+@dataclass
+class ImageAnalysis:
+    """What the expert says about each query image of a batch (in order)."""
+
+    logits: torch.Tensor  # [Q]
+    heatmaps: list[torch.Tensor]  # [h, w] per query, on the source-size image
+    boxes: list[list[ScoredBox]]  # detected regions per query, source pixels
+    roi_boxes: list[list[Box]]  # the crops encoded as ROI tokens, source pixels
+    expert: ExpertOutput
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """The expert's raw sigmoid scores (they choose the suspicion adverb)."""
+        return torch.sigmoid(self.logits.float())
+
+    def calibrated_scores(self, config: ExpertConfig) -> torch.Tensor:
+        """Platt-scaled scores shown to the user."""
+        return torch.sigmoid(config.score_scale * self.logits.float() + config.score_shift)
+
+
+@dataclass
+class ImageEncoding:
+    embeddings: torch.Tensor  # [positions, hidden]: one row per image-token position, all images in order
+    layouts: list[ImageLayout]
+    analysis: ImageAnalysis | None  # None when the batch has no query image
+
+
+def suspicion_level(scores: torch.Tensor, thresholds: list[float]) -> list[int]:
+    """0/1/2 = slightly/moderately/highly, with Anomaly-OV's strict `<` comparisons."""
+    low, high = thresholds
+    return [0 if s < low else 1 if s < high else 2 for s in scores.tolist()]
+
+
+def crop_regions(
+    source: torch.Tensor, boxes: list[Box], size: int, mean: list[float], std: list[float]
+) -> torch.Tensor:
+    """Cut boxes out of a uint8 [3, h, w] image, resize to size x size, normalise like the image processor."""
+    crops = [
+        F.interpolate(
+            source[None, :, y0:y1, x0:x1].float(), (size, size), mode="bicubic", align_corners=False, antialias=True
+        )
+        for x0, y0, x1, y1 in boxes
+    ]
+    pixels = torch.cat(crops).clamp(0, 255) / 255.0
+    mean_t = torch.tensor(mean, device=pixels.device)[None, :, None, None]
+    std_t = torch.tensor(std, device=pixels.device)[None, :, None, None]
+    return (pixels - mean_t) / std_t
+
+
+def build_expert(config: AssistantConfig) -> AnomalyExpert:
+    return AnomalyExpert(config.expert_config, config.vision_config.hidden_size, config.patches_per_side**2)
+
+
+class ImageEncoderMixin:
+    """`encode_images` for any module that owns the image-side modules (see the module docstring)."""
+
+    config: AssistantConfig
+    vision_tower: nn.Module
+    multi_modal_projector: nn.Module
+    image_newline: nn.Parameter
+    anomaly_expert: AnomalyExpert
+
+    # LLaVA-OneVision's AnyRes packing (unpad, anyres_max downsampling, row newlines) needs only `config`.
+    pack_image_features = LlavaOnevisionModel.pack_image_features
+
+    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The language model's input embeddings of these token ids."""
+        raise NotImplementedError
+
+    def vision_features(self, pixel_values: torch.Tensor, levels: list[int] | None = None):
+        """Final features [C, N, D] of the configured layer, plus the requested hidden-state levels."""
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        final = outputs.hidden_states[self.config.vision_feature_layer]
+        return final, [outputs.hidden_states[i] for i in (levels or [])]
+
+    def _layouts(self, image_sizes: torch.Tensor, image_is_query: torch.Tensor) -> list[ImageLayout]:
+        return [
+            image_layout((int(h), int(w)), self.config, bool(q))
+            for (h, w), q in zip(image_sizes.tolist(), image_is_query)
+        ]
+
+    def _expert_tokens(self, expert: ExpertOutput, layouts: list[ImageLayout]) -> list[torch.Tensor]:
+        """Projected [global, crop-0 tokens, tile grid with row newlines] for each query image."""
+        pooled = self.config.expert_config.pooled_side
+        crop_tokens = self.multi_modal_projector(expert.crop_tokens)  # [Cq, p*p, H]
+        global_tokens = self.multi_modal_projector(expert.global_tokens)  # [Q, H]
+        hidden = crop_tokens.shape[-1]
+        sequences, start = [], 0
+        for index, layout in enumerate(layouts):
+            rows, cols = layout.grid
+            tokens = crop_tokens[start : start + 1 + rows * cols]
+            start += 1 + rows * cols
+            grid = tokens[1:].view(rows, cols, pooled, pooled, hidden).permute(0, 2, 1, 3, 4)
+            grid = grid.reshape(rows * pooled, cols * pooled, hidden)
+            newline = self.image_newline.to(grid)[None, None].expand(rows * pooled, 1, hidden)
+            grid = torch.cat([grid, newline], dim=1).flatten(0, 1)
+            sequences.append(torch.cat([global_tokens[index : index + 1], tokens[0], grid]))
+        return sequences
+
+    def _roi_tokens(
+        self,
+        sources: Sequence[torch.Tensor],
+        sizes: list[tuple[int, int]],
+        boxes: list[list[Box]],
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        """Encode every query's ROI crops in one vision pass, pool them and add optional row newlines."""
+        roi = self.config.roi_config
+        crops = torch.cat(
+            [
+                crop_regions(
+                    source.to(device)[:, :h, :w],
+                    image_boxes,
+                    self.config.crop_size,
+                    self.config.image_mean,
+                    self.config.image_std,
+                )
+                for source, (h, w), image_boxes in zip(sources, sizes, boxes)
+            ]
+        )
+        features, _ = self.vision_features(crops)
+        features = self.multi_modal_projector(features)  # [Q*K, N, H]
+        side, hidden = self.config.patches_per_side, features.shape[-1]
+        grid = features.transpose(1, 2).reshape(-1, hidden, side, side)
+        grid = F.avg_pool2d(grid, roi.pool).permute(0, 2, 3, 1)  # [Q*K, q, q, H]
+        if roi.newline:
+            newline = self.image_newline.to(grid)[None, None, None].expand(*grid.shape[:2], 1, hidden)
+            grid = torch.cat([grid, newline], dim=2)
+        return list(grid.reshape(len(sizes), -1, hidden))
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        image_is_query: torch.Tensor,
+        source_sizes: torch.Tensor,
+        roi_pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        roi_maps: torch.Tensor | None = None,
+    ) -> ImageEncoding:
+        """All image-token embeddings of a batch plus the expert's analysis of its query images.
+
+        `roi_pixel_values`: one uint8 [3, h, w] source per query image, as a padded [Q, 3, S, S] canvas or a
+        sequence of unpadded tensors.
+        """
+        config, expert_config, roi = self.config, self.config.expert_config, self.config.roi_config
+        if roi.enabled and roi_pixel_values is None and bool(image_is_query.any()):
+            raise ValueError("ROI tokens are enabled but roi_pixel_values were not given")
+        if roi.map_source == "external" and roi_maps is None and bool(image_is_query.any()):
+            raise ValueError("roi.map_source is 'external' but no roi_maps were given")
+        layouts = self._layouts(image_sizes, image_is_query)
+        crops_per_image = [1 + layout.grid[0] * layout.grid[1] if layout.is_query else 1 for layout in layouts]
+        if sum(crops_per_image) != pixel_values.shape[0]:
+            raise ValueError(
+                f"expected {sum(crops_per_image)} crops for these image sizes, got {pixel_values.shape[0]}"
+            )
+
+        final, levels = self.vision_features(pixel_values, expert_config.feature_layers)
+        projected = self.multi_modal_projector(final)
+        base_tokens, _ = self.pack_image_features(
+            list(torch.split(projected, crops_per_image)), image_sizes, self.image_newline, config.vision_aspect_ratio
+        )
+        query_layouts = [layout for layout in layouts if layout.is_query]
+        if not query_layouts:
+            return ImageEncoding(torch.cat(base_tokens), layouts, None)
+
+        crop_is_query = torch.repeat_interleave(
+            image_is_query.to(final.device), torch.tensor(crops_per_image, device=final.device)
+        )
+        query_crops = [count for count, layout in zip(crops_per_image, layouts) if layout.is_query]
+        expert = self.anomaly_expert(final[crop_is_query], [f[crop_is_query] for f in levels], query_crops)
+        expert_tokens = self._expert_tokens(expert, query_layouts)
+        levels_of_suspicion = suspicion_level(expert.scores, expert_config.suspicion_thresholds)
+        adverb_ids = torch.tensor(config.adverb_token_ids, device=final.device)
+        adverbs = self.token_embeddings(adverb_ids[levels_of_suspicion])  # [Q, n_adv, H]
+
+        sizes = [tuple(s) for s in source_sizes.tolist()]
+        crop_maps = torch.split(expert.maps, query_crops)
+        heatmaps = [
+            assemble_heatmap(maps, (l_size[0], l_size[1]), layout.grid, size)
+            for maps, layout, l_size, size in zip(crop_maps, query_layouts, image_sizes[image_is_query].tolist(), sizes)
+        ]
+        box_maps = heatmaps if roi.map_source == "expert" else [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)]
+        detected, crops = [], []
+        for box_map in box_maps:
+            found, chosen = roi_boxes(box_map.detach().float().cpu().numpy(), config.crop_size, roi)
+            detected.append(found)
+            crops.append(chosen)
+        if roi.enabled:
+            roi_tokens = self._roi_tokens(roi_pixel_values, sizes, crops, final.device)
+
+        sequences, query_index = [], 0
+        for layout, base in zip(layouts, base_tokens):
+            parts = [base]
+            if layout.is_query:
+                parts += [adverbs[query_index].to(base), expert_tokens[query_index]]
+                if roi.enabled:
+                    parts.append(roi_tokens[query_index])
+                query_index += 1
+            sequences.append(torch.cat(parts))
+        for layout, sequence in zip(layouts, sequences):
+            if sequence.shape[0] != layout.num_embeddings:
+                raise RuntimeError(
+                    f"image produced {sequence.shape[0]} embeddings, layout expects {layout.num_embeddings}"
+                )
+        analysis = ImageAnalysis(expert.logits, heatmaps, detected, crops, expert)
+        return ImageEncoding(torch.cat(sequences), layouts, analysis)
+
+
+class ImageEncoder(ImageEncoderMixin, nn.Module):
+    """The image-side modules on their own: the vLLM model (its LLM is vLLM's) and the inspect route (no LLM)."""
+
+    def __init__(self, config: AssistantConfig, token_embeddings: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.config = config
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+        self.anomaly_expert = build_expert(config)
+        self._token_embeddings = token_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_newline.device
+
+    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._token_embeddings(token_ids)

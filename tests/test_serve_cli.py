@@ -1,0 +1,44 @@
+"""`anomaly-assistant serve`: the vLLM command line it builds and its refusal when vLLM is missing (no server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from assistant.cli import build_parser, main
+from assistant.serve.cli import server_command, server_environment
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", "--model", "m", *argv])
+
+
+def test_cpu_command_line_and_environment():
+    args = parse("--api-key", "sk-1", "--max-model-len", "2048", "--kv-cache-gib", "2", "--", "--block-size", "32")
+    command = server_command(args, "/models/m", "/venv/bin/python", cpu=True)
+    assert command[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    options = dict(zip(command[3::2], command[4::2]))
+    assert options["--host"] == "127.0.0.1" and options["--served-model-name"] == "anomaly-assistant"
+    assert json.loads(options["--limit-mm-per-prompt"]) == {"image": 4}
+    assert "--enforce-eager" in command and command[-2:] == ["--block-size", "32"]
+    assert "sk-1" not in command  # the key travels in the environment, not where `ps` shows it
+    env = server_environment(args, cpu=True)
+    assert env["VLLM_API_KEY"] == "sk-1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert set(env["VLLM_PLUGINS"].split(",")) == {"anomaly_assistant", "anomaly_assistant_inspect"}
+
+
+def test_gpu_command_line_keeps_cuda_graphs_and_needs_no_key():
+    args = parse("--dtype", "bfloat16")
+    command = server_command(args, "/models/m", "python", cpu=False)
+    assert "--enforce-eager" not in command and "--max-model-len" not in command
+    env = server_environment(args, cpu=False)
+    assert "VLLM_API_KEY" not in env and "VLLM_CPU_KVCACHE_SPACE" not in env
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="this interpreter has vLLM: serve would start")
+def test_serve_explains_when_vllm_is_missing(tiny_path, capsys):
+    assert main(["serve", "--model", str(tiny_path), "--python", sys.executable]) == 2
+    assert "vLLM is not installed" in capsys.readouterr().err

