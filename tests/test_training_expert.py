@@ -1,0 +1,107 @@
+"""Stage 1: the expert's own forward, loss going down, only the expert training, exact resume, the CLI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from assistant import AssistantForConditionalGeneration
+from assistant.cli import main
+from assistant.factory import tiny_assistant
+from data.errors import DataError
+from data.synth_dataset import SynthSpec, write_synthetic_dataset
+from tests.conftest import defect_image
+from training.checkpoint import checkpoint_dir, latest_checkpoint
+from training.collate import ExpertCollator
+from training.config import load_config
+from training.expert import ExpertObjective, train_expert
+from training.losses import class_weights
+
+TINY_CONFIG = Path(__file__).parents[1] / "training" / "configs" / "tiny_expert.yaml"
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, SynthSpec(categories=["textile"], train_good=6, test_good=2, test_defective=1, size=56))
+    return root
+
+
+def config(dataset_root, output, *overrides):
+    return load_config(
+        TINY_CONFIG,
+        overrides=[
+            f"data.folders=[{{root: {dataset_root}}}]",
+            "data.synthesize=null",
+            f"run.output_dir={output}",
+            "run.batch_size=4",
+            "run.log_every=1",
+            *overrides,
+        ],
+    )
+
+
+def test_objective_matches_the_models_own_image_path(tiny_no_roi):
+    model, processor = tiny_no_roi
+    images = [defect_image(90, 150, seed=1), defect_image(56, 56, seed=2, defect=False)]
+    batch = ExpertCollator(processor)([(image, 0, None) for image in images])
+    with torch.no_grad():
+        logits, heatmaps = ExpertObjective(model, train_vision=False)(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
+        reference = model.encode_images(**processor.preprocess_images([[image] for image in images])).analysis
+    torch.testing.assert_close(logits, reference.logits)
+    for ours, theirs in zip(heatmaps, reference.heatmaps):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_loss_goes_down_and_only_the_expert_changes(dataset_root, tmp_path):
+    summary = train_expert(config(dataset_root, tmp_path, "run.max_steps=24", "run.checkpoint_every=0", "schedule.name=constant", "optim.lr=1e-2"))
+    assert summary.steps == 24 and len(summary.losses) == 24
+    assert sum(summary.losses[-5:]) / 5 < sum(summary.losses[:5]) / 5 - 0.05
+    trained = AssistantForConditionalGeneration.from_pretrained(tmp_path / "final")
+    initial, _ = tiny_assistant(seed=0, roi=False)
+    for name, weight in initial.state_dict().items():
+        same = torch.equal(weight, trained.state_dict()[name])
+        assert same != name.startswith("model.anomaly_expert."), name
+    records = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 24 and '"bce"' in records[0] and '"mask"' in records[0]
+
+
+def test_train_vision_also_updates_the_tower(dataset_root, tmp_path):
+    train_expert(config(dataset_root, tmp_path, "run.max_steps=2", "run.checkpoint_every=2", "objective.train_vision=true"))
+    weights = load_file(str(checkpoint_dir(tmp_path, 2) / "model.safetensors"))
+    assert any(name.startswith("vision_tower.") for name in weights) and any(name.startswith("anomaly_expert.") for name in weights)
+    initial, _ = tiny_assistant(seed=0, roi=False)
+    tower = initial.model.vision_tower.state_dict()
+    changed = [name for name in tower if not torch.equal(tower[name], weights[f"vision_tower.{name}"])]
+    assert changed
+
+
+def test_resume_gives_the_same_losses_and_weights(dataset_root, tmp_path):
+    """2N steps straight vs N steps, stop, resume: the same next losses and final weights (mid-epoch, synthetic defects on)."""
+    straight = train_expert(config(dataset_root, tmp_path / "a", "run.max_steps=6", "run.checkpoint_every=3"))
+    resumed_config = config(dataset_root, tmp_path / "b", "run.max_steps=6", "run.checkpoint_every=3")
+    resumed = train_expert(resumed_config, resume=checkpoint_dir(tmp_path / "a", 3))
+    assert resumed.losses == straight.losses[3:]
+    final_a = load_file(str(checkpoint_dir(tmp_path / "a", 6) / "model.safetensors"))
+    final_b = load_file(str(checkpoint_dir(tmp_path / "b", 6) / "model.safetensors"))
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert latest_checkpoint(tmp_path / "b") == checkpoint_dir(tmp_path / "b", 6)
+
+
+def test_one_class_data_is_a_clear_error():
+    with pytest.raises(DataError, match="needs normal and anomalous images"):
+        class_weights(0.0)
+    assert class_weights(0.25) == pytest.approx((2 / 3, 2.0))
+
+
+def test_cli_runs_end_to_end_and_resumes(dataset_root, tmp_path, capsys):
+    argv = ["train", "expert", "--config", str(TINY_CONFIG), "--set", f"data.folders=[{{root: {dataset_root}}}]", "--set", "data.synthesize=null"]
+    argv += ["--set", f"run.output_dir={tmp_path}", "--set", "run.max_steps=3", "--set", "run.checkpoint_every=2", "--set", "run.batch_size=4"]
+    assert main(argv) == 0
+    output = capsys.readouterr().out
+    assert "expert training finished" in output and "steps            3" in output and "trainable params" in output
+    assert main([*argv, "--set", "run.max_steps=4", "--resume"]) == 0
+    assert "steps            4" in capsys.readouterr().out
+    assert main(["train", "expert", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

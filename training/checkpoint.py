@@ -1,0 +1,77 @@
+"""Checkpoints that resume exactly: accelerate's save_state with only the trainable weights.
+
+`accelerator.save_state` already stores the optimizer, RNG states (python, numpy, torch, CUDA) and any
+registered object (our scheduler and `Progress`, which holds the step and the position in the data);
+under DeepSpeed/FSDP it writes their sharded formats. Our hooks replace its full-model weights with the
+trainable ones, so a LoRA checkpoint of a 7B model is megabytes, not 15 GB.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from torch import nn
+
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+WEIGHTS_FILE = "model.safetensors"  # the name accelerate's save_state gives model 0's weights
+
+
+@dataclass
+class Progress:
+    """Where training is: optimizer steps done, and the epoch and batch within it (per process)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def register_trainable_checkpointing(accelerator: Accelerator) -> None:
+    """Save and load only parameters with requires_grad (frozen weights come from the base model)."""
+
+    def save_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        for index, model in enumerate(models[: len(weights)]):
+            weights[index] = trainable_state(accelerator.unwrap_model(model))
+
+    def load_hook(models: list[nn.Module], input_dir: str) -> None:
+        path = Path(input_dir) / WEIGHTS_FILE
+        for model in models:
+            unwrapped = accelerator.unwrap_model(model)
+            state = load_file(path)  # on CPU; load_state_dict copies onto each parameter's device
+            expected = set(trainable_state(unwrapped))
+            if set(state) != expected:
+                missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+                raise ValueError(
+                    f"{path} does not match this run's trainable parameters "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it made with another config?"
+                )
+            unwrapped.load_state_dict(state, strict=False)
+        models.clear()  # loaded here; accelerate must not load full weights
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    folder = Path(output_dir) / CHECKPOINTS
+    steps = [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := STEP_DIR.match(p.name))] if folder.is_dir() else []
+    return max(steps)[1] if steps else None

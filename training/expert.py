@@ -1,0 +1,144 @@
+"""Stage 1: train the anomaly expert (LTFM + token selector) on labelled images, vision tower frozen.
+
+As in Anomaly-OV: class-balanced BCE on the image score, AdamW, cosine with warm restarts. Beyond it: a
+focal + dice loss on the heatmap where masks are known (Anomaly-OV learns its map without masks; ours is
+shown to users, so it gets supervision when there is some). The language model is never run: the forward
+is the model's own vision path (`vision_features`) and expert, and the heatmaps are assembled as
+`encode_images` assembles them.
+
+    anomaly-assistant train expert --config training/configs/tiny_expert.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from assistant.factory import save_assistant
+from assistant.heatmap import assemble_heatmap
+from assistant.layout import image_layout
+from assistant.modeling import AssistantForConditionalGeneration
+from assistant.processing import AssistantProcessor
+from data.folder import load_folder
+from data.synth_dataset import ensure_synthetic_dataset
+
+from .collate import ExpertCollator
+from .config import ConfigError, ExpertData, ExpertTrainConfig
+from .datasets import ExpertDataset
+from .loop import TrainingTask, TrainSummary, make_accelerator, run_training
+from .losses import balanced_bce, class_weights, mask_loss
+from .models import compute_dtype, load_assistant, upcast_trainable
+
+FINAL_DIR = "final"
+
+
+class ExpertObjective(nn.Module):
+    """Images -> expert logits and source-size heatmaps, holding only the vision tower and the expert.
+
+    The language model is deliberately not a submodule: accelerate moves (and DDP wraps) only what stage 1
+    needs, so a 7B LLM never occupies GPU memory here.
+    """
+
+    def __init__(self, model: AssistantForConditionalGeneration, train_vision: bool):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.anomaly_expert = model.model.anomaly_expert
+        self.train_vision = train_vision
+        self._vision_features = model.model.vision_features  # a bound method: not registered as a module
+        self._config = model.config
+
+    def forward(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, source_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        layouts = [image_layout((h, w), self._config, is_query=True) for h, w in image_sizes.tolist()]
+        crops = [1 + rows * cols for rows, cols in (layout.grid for layout in layouts)]
+        with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()):
+            final, levels = self._vision_features(pixel_values, self._config.expert_config.feature_layers)
+        expert = self.anomaly_expert(final, levels, crops)
+        heatmaps = [
+            assemble_heatmap(maps, (h, w), layout.grid, (sh, sw))
+            for maps, layout, (h, w), (sh, sw) in zip(
+                torch.split(expert.maps, crops), layouts, image_sizes.tolist(), source_sizes.tolist()
+            )
+        ]
+        return expert.logits, heatmaps
+
+
+def select_trainable(model: AssistantForConditionalGeneration, train_vision: bool) -> None:
+    model.requires_grad_(False)
+    model.model.anomaly_expert.requires_grad_(True)
+    if train_vision:
+        model.model.vision_tower.requires_grad_(True)
+
+
+def param_groups(objective: ExpertObjective, config: ExpertTrainConfig) -> list[dict]:
+    groups = [{"name": "expert", "params": list(objective.anomaly_expert.parameters()), "lr": config.optim.lr}]
+    if config.objective.train_vision:
+        groups.append({"name": "vision", "params": list(objective.vision_tower.parameters()), "lr": config.objective.vision_lr})
+    return groups
+
+
+def expert_dataset(data: ExpertData, seed: int) -> ExpertDataset:
+    if not data.folders:
+        raise ConfigError("data.folders: give at least one labelled image folder")
+    if data.synthesize is not None:
+        ensure_synthetic_dataset(data.folders[0].root, data.synthesize)
+    images = [
+        image
+        for folder in data.folders
+        for image in load_folder(folder.root, folder.layout, folder.split, folder.categories)
+    ]
+    return ExpertDataset(images, data.synthetic_anomalies, data.max_image_side, seed)
+
+
+def make_loss(config: ExpertTrainConfig, weights: tuple[float, float]):
+    """Balanced BCE on the image logit, plus the weighted mask loss when the batch has masks."""
+    objective = config.objective
+
+    def compute(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, heatmaps = model(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
+        bce = balanced_bce(logits, batch["labels"], weights)
+        metrics = {"bce": bce.item()}
+        if objective.mask_loss_weight <= 0:
+            return bce, metrics
+        masked = mask_loss(heatmaps, batch["masks"], objective.focal_gamma)
+        if masked is None:
+            return bce, metrics
+        metrics["mask"] = masked.item()
+        return bce + objective.mask_loss_weight * masked, metrics
+
+    return compute
+
+
+def save_final(model: AssistantForConditionalGeneration, processor: AssistantProcessor):
+    """The whole assistant with the trained expert, loadable by `from_pretrained` (stage 2 starts from it)."""
+
+    def save(objective: nn.Module, state: dict, output_dir: Path) -> None:
+        # The expert is small and trains under DDP, so its weights are whole in `model` on every process.
+        save_assistant(model.to("cpu"), processor, output_dir / FINAL_DIR)
+
+    return save
+
+
+def train_expert(config: ExpertTrainConfig, resume: Path | None = None) -> TrainSummary:
+    accelerator = make_accelerator(config.run)
+    set_seed(config.run.seed)
+    dataset = expert_dataset(config.data, config.run.seed)
+    weights = class_weights(dataset.positive_fraction)
+    model, processor = load_assistant(config.model, dtype=compute_dtype(accelerator))
+    select_trainable(model, config.objective.train_vision)
+    upcast_trainable(model)
+    objective = ExpertObjective(model, config.objective.train_vision)
+    task = TrainingTask(
+        name="expert",
+        model=objective,
+        param_groups=param_groups(objective, config),
+        dataset=dataset,
+        collate=ExpertCollator(processor),
+        compute_loss=make_loss(config, weights),
+        save_final=save_final(model, processor),
+    )
+    return run_training(task, config, accelerator, resume)

@@ -1,0 +1,252 @@
+"""The training loop both stages share: accelerate for devices, mixed precision, gradient accumulation and
+multi-GPU (DDP, DeepSpeed ZeRO, FSDP via `accelerate launch`), with progress bar, metrics log,
+checkpoints every N steps, exact resume and a final summary.
+
+A stage supplies a `TrainingTask`: the module to train, its optimizer groups, the data, and how to turn a
+batch into a loss. Everything else is here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from data.errors import DataError
+
+from .checkpoint import Progress, checkpoint_dir, register_trainable_checkpointing
+from .config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, save_config
+from .datasets import EpochSampler
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainingTask:
+    """What a stage plugs into the loop."""
+
+    name: str
+    model: nn.Module  # its forward is what `compute_loss` calls (DDP needs the call to go through it)
+    param_groups: list[dict]  # torch optimizer groups: {"params", "lr", "name", ...}
+    dataset: Dataset
+    collate: Callable
+    compute_loss: Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+    save_final: Callable[[nn.Module, dict, Path], None]  # unwrapped module, its full state dict, output_dir
+    count_tokens: Callable[[dict], int] | None = None
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    seconds: float
+    final_loss: float
+    mean_loss: float
+    trainable_params: int
+    total_params: int
+    output_dir: Path
+    losses: list[float] = field(default_factory=list)  # one per optimizer step of this session
+    tokens_per_second: float | None = None
+
+    def format(self) -> str:
+        ran = bool(self.losses)  # a resumed run that was already complete trains no step
+        lines = [
+            f"steps            {self.steps}",
+            f"time             {self.seconds:.1f} s",
+            f"final loss       {self.final_loss:.4f}" if ran else "final loss       n/a (no step run)",
+            f"mean loss        {self.mean_loss:.4f}" if ran else "mean loss        n/a (no step run)",
+            f"trainable params {self.trainable_params:,} of {self.total_params:,}",
+            f"output           {self.output_dir}",
+        ]
+        if self.tokens_per_second is not None:
+            lines.insert(2, f"tokens/s         {self.tokens_per_second:,.0f}")
+        return "\n".join(lines)
+
+
+@dataclass
+class StepMeter:
+    """Averages the micro-batches of one optimizer step into one log record."""
+
+    loss: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, loss: float, metrics: dict[str, float]) -> None:
+        self.loss += loss
+        self.count += 1
+        for key, value in metrics.items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+    def record(self, step: int, epoch: int, lr: float) -> dict:
+        record = {"step": step, "epoch": epoch, "loss": self.loss / self.count, "lr": lr}
+        record.update({key: value / self.count for key, value in self.metrics.items()})
+        self.loss, self.metrics, self.count = 0.0, {}, 0
+        return record
+
+
+def make_accelerator(run: RunConfig) -> Accelerator:
+    precision = run.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.grad_accum)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, total_steps: int, steps_per_epoch: int):
+    """A transformers scheduler over optimizer steps (stepped once per optimizer step, never per process)."""
+    kwargs = {}
+    if schedule.name == "cosine_with_restarts":
+        kwargs["num_cycles"] = max(1, round(total_steps / max(1.0, steps_per_epoch / schedule.cycles_per_epoch)))
+    return get_scheduler(
+        schedule.name,
+        optimizer,
+        num_warmup_steps=math.ceil(schedule.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=kwargs,
+    )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def run_training(
+    task: TrainingTask,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    resume: Path | None = None,
+) -> TrainSummary:
+    """Train until the configured number of optimizer steps; checkpoints go to output_dir/checkpoints."""
+    run: RunConfig = config.run
+    optim: OptimConfig = config.optim
+    output_dir = Path(run.output_dir)
+    if len(task.dataset) == 0:
+        raise DataError("the training data is empty")
+    if accelerator.is_main_process:
+        save_config(config, output_dir)
+
+    loader = DataLoader(
+        task.dataset,
+        batch_size=run.batch_size,
+        sampler=EpochSampler(len(task.dataset), run.seed),
+        collate_fn=task.collate,
+        num_workers=run.num_workers,
+        generator=torch.Generator().manual_seed(run.seed),  # keeps the global RNG untouched by the loader
+    )
+    optimizer = torch.optim.AdamW(task.param_groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / run.grad_accum)
+    total_steps = run.max_steps or math.ceil(run.epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, config.schedule, total_steps, steps_per_epoch)
+
+    progress = Progress()
+    register_trainable_checkpointing(accelerator)
+    accelerator.register_for_checkpointing(scheduler, progress)
+    if resume is not None:
+        load_checkpoint(accelerator, resume)
+        accelerator.print(f"resumed from {resume} at step {progress.step}")
+        if progress.step >= total_steps:
+            accelerator.print(f"the run already has its {total_steps} steps; raise run.max_steps (or epochs) to go on")
+        if accelerator.is_main_process:
+            truncate_metrics(output_dir / METRICS_FILE, progress.step)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_count, total_count = count_parameters(accelerator.unwrap_model(model))
+    bar = tqdm(total=total_steps, initial=progress.step, desc=task.name, disable=not accelerator.is_local_main_process)
+    meter, losses, tokens, started = StepMeter(), [], 0, time.perf_counter()
+
+    model.train()
+    while progress.step < total_steps:
+        batches = accelerator.skip_first_batches(loader, progress.batch_in_epoch) if progress.batch_in_epoch else loader
+        batches.set_epoch(progress.epoch)  # accelerate would otherwise count epochs from 0 again after a resume
+        if hasattr(task.dataset, "set_epoch"):
+            task.dataset.set_epoch(progress.epoch)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss, metrics = task.compute_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and run.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, run.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            progress.batch_in_epoch += 1
+            meter.add(accelerator.reduce(loss.detach().float(), "mean").item(), metrics)
+            if task.count_tokens is not None:
+                tokens += task.count_tokens(batch) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            progress.step += 1
+            record = meter.record(progress.step, progress.epoch, scheduler.get_last_lr()[0])
+            losses.append(record["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if accelerator.is_main_process and (progress.step % run.log_every == 0 or progress.step == total_steps):
+                log(record, output_dir / METRICS_FILE, bar)
+            if run.checkpoint_every and progress.step % run.checkpoint_every == 0:
+                save_checkpoint(accelerator, config, progress.step)
+            if progress.step >= total_steps:
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    seconds = time.perf_counter() - started
+    if run.checkpoint_every and progress.step % run.checkpoint_every:
+        save_checkpoint(accelerator, config, progress.step)  # so a longer run can resume from the end
+
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)  # gathered from every process under FSDP / ZeRO-3
+    if accelerator.is_main_process:
+        task.save_final(accelerator.unwrap_model(model), state, output_dir)
+    accelerator.wait_for_everyone()
+    return TrainSummary(
+        steps=progress.step,
+        seconds=seconds,
+        final_loss=losses[-1] if losses else float("nan"),
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        trainable_params=trainable_count,
+        total_params=total_count,
+        output_dir=output_dir,
+        losses=losses,
+        tokens_per_second=tokens / seconds if task.count_tokens is not None and seconds > 0 else None,
+    )
+
+
+def log(record: dict, path: Path, bar: tqdm) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+
+def _is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> Path:
+    folder = checkpoint_dir(config.run.output_dir, step)
+    # DeepSpeed writes the model itself; frozen base weights would make every LoRA checkpoint full-size.
+    accelerator.save_state(str(folder), **({"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}))
+    if accelerator.is_main_process:
+        save_config(config, folder)
+    return folder
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    accelerator.load_state(str(folder), **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log records past the resumed step, so the log reads as one uninterrupted run."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))

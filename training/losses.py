@@ -1,0 +1,58 @@
+"""Stage-1 losses: class-balanced BCE on the image score, focal + dice on the anomaly heatmap.
+
+Class weights come from the dataset's class frequencies (synthetic defects included), not from each
+batch: small batches are often all-normal, and batch weights would then rescale the loss at random.
+The mask loss is a focal loss over pixels (the defect is a few percent of the image, so plain BCE is
+dominated by easy background) plus a dice loss on images with a defect (it rewards covering the defect's
+shape whatever its size). Normal images count with an all-zero mask; defects without a mask are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from data.errors import DataError
+
+EPS = 1e-6
+
+
+def class_weights(positive_fraction: float) -> tuple[float, float]:
+    """(normal, anomalous) weights so both classes contribute equally on average."""
+    if not 0.0 < positive_fraction < 1.0:
+        raise DataError(
+            f"stage 1 needs normal and anomalous images, but {positive_fraction:.0%} of the data is anomalous; "
+            "add defective images (e.g. a test split) or set data.synthetic_anomalies > 0"
+        )
+    return 0.5 / (1.0 - positive_fraction), 0.5 / positive_fraction
+
+
+def balanced_bce(logits: torch.Tensor, labels: torch.Tensor, weights: tuple[float, float]) -> torch.Tensor:
+    normal, anomalous = weights
+    per_sample = torch.where(labels > 0.5, anomalous, normal).to(logits)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), weight=per_sample.float())
+
+
+def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    p = probabilities.float().clamp(EPS, 1 - EPS)
+    p_true = torch.where(target > 0.5, p, 1 - p)
+    return (-((1 - p_true) ** gamma) * torch.log(p_true)).mean()
+
+
+def dice_loss(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = probabilities.float()
+    return 1 - (2 * (p * target).sum() + EPS) / (p.sum() + target.sum() + EPS)
+
+
+def mask_loss(heatmaps: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], gamma: float) -> torch.Tensor | None:
+    """Mean focal loss over images with a known mask, plus mean dice over those with a defect; None if no masks."""
+    known = [(heatmap, mask.to(heatmap.device)) for heatmap, mask in zip(heatmaps, masks) if mask is not None]
+    if not known:
+        return None
+    focal = torch.stack([focal_loss(heatmap, mask, gamma) for heatmap, mask in known]).mean()
+    defective = [(heatmap, mask) for heatmap, mask in known if mask.any()]
+    if not defective:
+        return focal
+    return focal + torch.stack([dice_loss(heatmap, mask) for heatmap, mask in defective]).mean()
