@@ -1,0 +1,191 @@
+"""`EndpointEngine`: the Engine interface over any OpenAI-compatible chat server (our vLLM server, a hosted model).
+
+Chat goes through the official `openai` client, whose retries with exponential backoff cover transient
+failures (connection errors, 408/409/429/5xx); `analyze` calls our server's `/inspect` route, which plain chat
+servers lack. Every failure becomes an `EndpointError` naming the URL, so a run stops with a reason, not a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import openai
+from PIL import Image
+from pydantic import ValidationError
+
+from .engine import Analysis, Conversation
+from .image_io import ImageInput, load_image
+from .verdict import Verdict
+
+TOP_LOGPROBS = 20  # the most the OpenAI API returns; a choice outside them gets no probability mass
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+class EndpointError(RuntimeError):
+    """The endpoint is down, refused, timed out or answered something unusable."""
+
+
+def data_url(image: Image.Image) -> str:
+    """PNG (lossless) as a data URL: the server sees exactly the pixels the local model would."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def to_messages(conversation: Conversation) -> list[dict[str, Any]]:
+    """OpenAI chat messages with the same content, order and reference intro as the local chat template.
+
+    No system message: the server's chat template adds its own. Images ride in the first user turn as data
+    URLs (references first, the query last); later turns are plain text.
+    """
+    images = iter(conversation.images)
+    messages = []
+    for turn in conversation.chat():
+        parts = [
+            {"type": "image_url", "image_url": {"url": data_url(next(images))}} if part["type"] == "image" else part
+            for part in turn["content"]
+        ]
+        text_only = len(parts) == 1 and parts[0]["type"] == "text"
+        messages.append({"role": turn["role"], "content": parts[0]["text"] if text_only else parts})
+    return messages
+
+
+class EndpointEngine:
+    """Greedy (temperature 0) chat, streaming, choice probabilities and expert analysis over HTTP."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 300.0,
+        max_retries: int = 3,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",  # local servers ignore the key
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+
+    @contextmanager
+    def _errors(self, not_found: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except openai.APITimeoutError as error:
+            raise EndpointError(
+                f"{self.base_url}: no answer within {self.timeout:g} s ({self.max_retries} retries)"
+            ) from error
+        except openai.APIConnectionError as error:
+            cause = error.__cause__ or error
+            raise EndpointError(f"cannot reach {self.base_url} ({cause}); is the server running?") from error
+        except openai.NotFoundError as error:
+            raise EndpointError(
+                not_found
+                or f"{self.base_url}: HTTP 404 ({error.message}); check the URL and the model name {self.model!r}"
+            ) from error
+        except openai.APIStatusError as error:
+            raise EndpointError(f"{self.base_url} answered HTTP {error.status_code}: {error.message}") from error
+
+    def _map(self, function: Callable[[T], U], items: Sequence[T]) -> list[U]:
+        """Apply `function` with up to `concurrency` requests in flight; results keep the input order."""
+        if len(items) <= 1:
+            return [function(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
+            return list(pool.map(function, items))
+
+    def _chat(self, conversation: Conversation, **options: Any):
+        with self._errors():
+            response = self.client.chat.completions.create(
+                model=self.model, messages=to_messages(conversation), temperature=0, **options
+            )
+        if not response.choices:
+            raise EndpointError(f"{self.base_url} returned no choices for model {self.model!r}")
+        return response.choices[0]
+
+    # -- the Engine interface -------------------------------------------------------------------------
+    def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
+        """Greedy answers, requested concurrently."""
+        return self._map(lambda c: self._chat(c, max_tokens=max_new_tokens).message.content or "", conversations)
+
+    def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
+        """Yield the answer's text as the server sends it (server-sent events)."""
+        with self._errors():
+            chunks = self.client.chat.completions.create(
+                model=self.model,
+                messages=to_messages(conversation),
+                temperature=0,
+                max_tokens=max_new_tokens,
+                stream=True,
+            )
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+
+    def choice_probabilities(
+        self, conversations: Sequence[Conversation], choices: Sequence[str]
+    ) -> list[dict[str, float]]:
+        """P(first generated token is each choice), renormalised over the choices, from the top-20 logprobs.
+
+        A token matches a choice when equal to it up to leading whitespace (" Yes" counts as "Yes"). If no choice is
+        among the top 20 the endpoint gives no evidence, and the choices get equal probabilities.
+        """
+        if len(set(choices)) != len(choices):
+            raise ValueError(f"choices {list(choices)} are not distinct")
+
+        def distribution(conversation: Conversation) -> dict[str, float]:
+            choice = self._chat(conversation, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+            content = choice.logprobs.content if choice.logprobs else None
+            if not content:
+                raise EndpointError(
+                    f"{self.base_url} returned no logprobs for model {self.model!r}: this endpoint cannot score choices"
+                )
+            mass = dict.fromkeys(choices, 0.0)
+            for candidate in content[0].top_logprobs:
+                token = candidate.token.lstrip()
+                if token in mass:
+                    mass[token] += math.exp(candidate.logprob)
+            total = sum(mass.values())
+            return {c: m / total for c, m in mass.items()} if total > 0 else dict.fromkeys(choices, 1 / len(choices))
+
+        return self._map(distribution, conversations)
+
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
+        """The expert's score, heatmap and boxes from our server's `POST {base_url}/inspect` (no text generated)."""
+        image = load_image(image, "image")
+        references = [load_image(r, f"reference {i + 1}") for i, r in enumerate(references)]
+        body = {
+            "model": self.model,
+            "image_url": data_url(image),
+            "reference_urls": [data_url(r) for r in references],
+            "question": None,
+            "max_tokens": 0,
+        }
+        not_found = (
+            f"{self.base_url}/inspect: HTTP 404: this endpoint serves chat only (no /inspect route; expert scores and "
+            f"heatmaps need our server), or it does not serve the model {self.model!r}"
+        )
+        with self._errors(not_found=not_found):
+            payload = self.client.post("/inspect", body=body, cast_to=object)
+        try:
+            verdict = Verdict.model_validate(payload)
+        except ValidationError as error:
+            raise EndpointError(
+                f"{self.base_url}/inspect returned an invalid verdict: {error.errors()[0]['msg']}"
+            ) from error
+        return Analysis(score=verdict.score, anomalous=verdict.anomalous, heatmap=verdict.heatmap, boxes=verdict.boxes)

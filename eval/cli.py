@@ -1,0 +1,131 @@
+"""`anomaly-assistant eval mmad|visa-dr|zeroshot`: registers the evaluation commands with the main CLI.
+
+Only argument definitions live here; each benchmark module is imported when its command runs, so `--help`
+loads no benchmark code. Data and endpoint problems end the command with a one-line reason (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+from .backends import add_backend_arguments, at_least
+
+OFFICIAL_MMAD_SIDE = 512  # the official MMAD scripts fit every image into 512x512
+COUNT, POSITIVE = at_least(0), at_least(1)
+
+
+def _output(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--output", help=f"folder for answers.jsonl, report.md and chart.png; re-run to resume (default: {default})"
+    )
+
+
+def add_mmad_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="the official mmad.json")
+    parser.add_argument("--images", help="image root the mmad.json paths are relative to (default: the JSON's folder)")
+    parser.add_argument(
+        "--shots", type=COUNT, default=1, help="normal template images before the query (official default: 1)"
+    )
+    parser.add_argument(
+        "--similar-templates", action="store_true", help="take similar_templates instead of random_templates"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the option shuffling")
+    parser.add_argument("--no-shuffle", action="store_true", help="show the options in mmad.json order")
+    parser.add_argument(
+        "--max-side",
+        type=COUNT,
+        default=OFFICIAL_MMAD_SIDE,
+        help="fit images into this square and JPEG them as the official scripts do; 0 = original pixels",
+    )
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="official LLaVA script: 64")
+    parser.add_argument(
+        "--letter-probs", action="store_true", help="also score by option-letter likelihood (needs logits or logprobs)"
+    )
+    parser.add_argument("--limit", type=POSITIVE, help="only the first N images of mmad.json")
+    _output(parser, "eval-results/mmad-<model>-<k>shot")
+    add_backend_arguments(parser)
+
+
+def add_visa_dr_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--detection", help="test_data.json (items: image, anomaly)")
+    parser.add_argument("--reasoning", help="visa_dr.json (items: image, questions, answers)")
+    parser.add_argument(
+        "--images", help="root the image paths are relative to (default: the parent of the JSON's folder)"
+    )
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=4096, help="official scripts: 4096")
+    parser.add_argument(
+        "--yes-probability", action="store_true", help="also log P(Yes) for image AUROC (needs logits or logprobs)"
+    )
+    parser.add_argument("--limit", type=POSITIVE, help="only the first N items of each file")
+    judge = parser.add_argument_group("LLM judge for the reasoning answers (any OpenAI-compatible endpoint)")
+    judge.add_argument("--judge-endpoint", metavar="URL")
+    judge.add_argument("--judge-model", metavar="NAME")
+    judge.add_argument("--judge-api-key", default=None)
+    _output(parser, "eval-results/visa-dr-<model>")
+    add_backend_arguments(parser)
+
+
+def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="MVTec AD layout root, or a VisA root with split_csv/1cls.csv")
+    parser.add_argument("--categories", help="comma-separated subset of categories")
+    parser.add_argument(
+        "--scorers", default="expert", help="comma-separated: expert (our model), clip (assistant.clip_expert)"
+    )
+    parser.add_argument("--clip-model", default="ViT-B-16", help="ClipAnomalyExpert.from_spec spec for the clip scorer")
+    parser.add_argument(
+        "--shots", type=COUNT, default=0, help="normal training images given to the scorer as references"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for picking the reference images")
+    parser.add_argument(
+        "--pixel-size", type=COUNT, default=256, help="long side of masks/maps for pixel metrics; 0 = mask resolution"
+    )
+    parser.add_argument("--limit", type=POSITIVE, help="only N test images per category (spread over the sorted list)")
+    _output(parser, "eval-results/zeroshot-<data folder>")
+    add_backend_arguments(parser)
+
+
+BENCHMARKS = {
+    "mmad": (
+        "eval.mmad",
+        add_mmad_arguments,
+        "MMAD multiple choice: 7 subtasks, official-compatible and strict scores",
+    ),
+    "visa-dr": (
+        "eval.visa_dr",
+        add_visa_dr_arguments,
+        "VisA-D&R: Yes/No detection and multi-turn reasoning (ROUGE-L, SBERT, LLM judge)",
+    ),
+    "zeroshot": (
+        "eval.zeroshot",
+        add_zeroshot_arguments,
+        "zero-shot expert metrics on MVTec/VisA folders: image/pixel AUROC, AUPRO, F1-max",
+    ),
+}
+
+
+def _handler(module_name: str) -> Callable[[argparse.Namespace], None]:
+    def handle(args: argparse.Namespace) -> None:
+        from assistant.cli import UsageError
+        from assistant.client import EndpointError
+
+        from .inputs import DataError
+
+        try:
+            report = importlib.import_module(module_name).run(args)
+        except (DataError, EndpointError) as error:
+            raise UsageError(str(error)) from error
+        print(report.read_text(encoding="utf-8"))
+        print(f"report: {report}")
+
+    return handle
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="benchmarks: MMAD, VisA-D&R, zero-shot expert metrics")
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True)
+    for name, (module_name, add_arguments, help_text) in BENCHMARKS.items():
+        sub = benchmarks.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(handler=_handler(module_name))

@@ -1,0 +1,50 @@
+"""Report pieces every benchmark uses: markdown tables in the papers' layout and a grouped bar chart (PNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, safe in threads and on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPORT_FILE = "report.md"
+CHART_FILE = "chart.png"
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A table cell: '-' where a metric is undefined (e.g. AUROC of a single-class category)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bar_chart(
+    path: Path, groups: Sequence[str], series: dict[str, Sequence[float | None]], title: str, ylabel: str
+) -> None:
+    """Grouped bars: one group per metric, one bar per model (undefined values are left out)."""
+    figure, axes = plt.subplots(figsize=(min(14.0, max(6.0, 0.22 * len(groups) * len(series) + 3)), 4.5))
+    width = 0.8 / max(1, len(series))
+    for number, (name, values) in enumerate(series.items()):
+        positions = [g + (number - (len(series) - 1) / 2) * width for g, v in enumerate(values) if v is not None]
+        axes.bar(positions, [v for v in values if v is not None], width, label=name)
+    axes.set_xticks(range(len(groups)), groups)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, max(1, len(series))))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(directory: Path, sections: Sequence[str]) -> Path:
+    path = directory / REPORT_FILE
+    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,65 @@
+"""Anything that scores an image for the zero-shot harness: `score(image, references) -> (score, HxW map)`.
+
+Every row of the zero-shot report comes from one scorer measured by the same code. `expert` is our model's
+expert through any engine (in-process, or our server's /inspect); `clip` is `assistant.clip_expert`, imported
+only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from assistant.cli import UsageError
+from assistant.engine import Engine
+
+from .backends import model_label, open_engine
+
+SCORERS = ("expert", "clip")
+
+
+class Scorer(Protocol):
+    def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]: ...
+
+
+class ExpertScorer:
+    """The expert's calibrated image score and its heatmap at the image's resolution."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]:
+        analysis = self.engine.analyze(image, references)
+        return analysis.score, analysis.heatmap
+
+
+def scorer_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(SCORERS))
+    if unknown or not names:
+        raise UsageError(f"unknown scorer(s) {unknown or text!r}; choose from {', '.join(SCORERS)}")
+    return list(dict.fromkeys(names))
+
+
+def scorer_spec(name: str, args: argparse.Namespace) -> str:
+    """What the scorer is (recorded, so a resumed run cannot mix two different models under one name)."""
+    return model_label(args) if name == "expert" else args.clip_model
+
+
+def build_scorer(name: str, args: argparse.Namespace) -> Scorer:
+    if name == "expert":
+        return ExpertScorer(open_engine(args))
+    try:
+        from assistant.clip_expert import ClipAnomalyExpert
+    except ModuleNotFoundError as error:
+        if error.name != "assistant.clip_expert":
+            raise
+        raise UsageError("the clip scorer needs assistant/clip_expert.py (ClipAnomalyExpert), missing here") from error
+    try:
+        return ClipAnomalyExpert.from_spec(args.clip_model, device=args.device)
+    except ValueError as error:  # an unknown architecture, tag or config
+        raise UsageError(f"--clip-model: {error}") from error
