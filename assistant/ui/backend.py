@@ -1,0 +1,56 @@
+"""Which engine the app talks to: an in-process model (the default) or a served OpenAI-compatible endpoint.
+
+With no model given and no demo model installed, the app still starts on a tiny random model, so every
+part of the UI works; `notice` then says plainly that its verdicts and answers mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..cli import MODEL_ENV, UsageError, resolve_model
+from ..defaults import default_model_path
+from ..engine import Engine, LocalEngine
+from ..factory import tiny_assistant
+
+NO_WEIGHTS_NOTICE = (
+    "**No trained weights found: this app is running a tiny random model.** Its verdicts, heatmaps, boxes and "
+    "answers are random and mean nothing. Start it with `python app.py --model PATH` (or set "
+    f"`{MODEL_ENV}`) to use a trained checkpoint; docs/app.md explains where the demo model comes from."
+)
+
+
+@dataclass(frozen=True)
+class Backend:
+    engine: Engine
+    description: str  # shown under the title, so users know what answers them
+    notice: str | None = None  # a warning the UI must show prominently
+
+
+def load_backend(
+    model: str | None = None,
+    endpoint: str | None = None,
+    served_model: str | None = None,
+    api_key: str | None = None,
+    device: str | None = None,
+) -> Backend:
+    """--endpoint, else --model / $ANOMALY_ASSISTANT_MODEL / the demo model, else the tiny random model.
+
+    A model the user named but that is not there is an error (`UsageError`), never a silent fallback.
+    The endpoint must be the project's server (`anomaly-assistant serve`): the verdict comes from its
+    /inspect route, which plain chat servers lack (their error then says so in the UI).
+    """
+    if endpoint:
+        if not served_model:
+            raise UsageError("--endpoint needs --served-model NAME, the model name the server serves")
+        from ..client import EndpointEngine  # needs the openai client: imported only when asked for
+
+        engine = EndpointEngine(endpoint, served_model, api_key=api_key)
+        return Backend(engine, f"served model `{served_model}` at {endpoint}")
+    if model is None and not os.environ.get(MODEL_ENV) and default_model_path() is None:
+        engine = LocalEngine(*tiny_assistant())
+        return Backend(engine, "in-process tiny random model (no trained weights)", NO_WEIGHTS_NOTICE)
+    path = resolve_model(model)
+    engine = LocalEngine.from_pretrained(path, device=device)
+    return Backend(engine, f"in-process model `{path}` on {engine.device}")

@@ -1,0 +1,127 @@
+"""The app's layout and wiring: uploads and chat on the left, the verdict panel on the right.
+
+Every event has an `elem_id`-addressable component and a stable API name (`/chat`, `/reblend`, `/reset`),
+so the browser test and gradio_client drive exactly what a user sees.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..engine import Engine
+from .examples import EXAMPLES_DIR, write_examples
+from .handlers import ChatHandlers, clear_chat, reset, unlock_question
+
+TITLE = "Anomaly inspection assistant"
+INTRO = (
+    "Upload a photo of a part (optionally a known-good reference of the same part) and ask about it. "
+    "The verdict, heatmap and suspicious regions appear on the right; follow-up questions keep the conversation."
+)
+MAX_UPLOAD = "20mb"  # bytes per file; image_io.MAX_PIXELS caps the decoded size
+CSS = """
+#notice {background: #fff4e5; border: 2px solid #e8a33d; border-radius: 8px; padding: 4px 14px}
+#backend {opacity: 0.75}
+#heatmap img {width: 100%; height: 100%; object-fit: contain}
+"""
+
+
+def _upload(label: str, elem_id: str) -> gr.Image:
+    return gr.Image(type="filepath", label=label, sources=["upload", "clipboard"], height=220, elem_id=elem_id)
+
+
+def build_demo(
+    engine: Engine, notice: str | None = None, backend: str = "", max_new_tokens: int = 256
+) -> gr.Blocks:
+    """The chat app around `engine`; `notice` is shown as a banner (e.g. that no trained weights were found)."""
+    handlers = ChatHandlers(engine, max_new_tokens)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        if notice:
+            gr.Markdown(f"⚠️ {notice}", elem_id="notice")
+        if backend:
+            gr.Markdown(f"Backend: {backend}", elem_id="backend")
+        session = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    image = _upload("Image to inspect", "image")
+                    reference = _upload("Normal reference (optional)", "reference")
+                chatbot = gr.Chatbot(
+                    label="Chat", height=420, buttons=["copy", "copy_all"], feedback_options=None, elem_id="chatbot"
+                )
+                question = gr.Textbox(
+                    placeholder="Ask about the image, e.g. “Is there a defect? Where?” (Enter sends)",
+                    label="Question",
+                    show_label=False,
+                    submit_btn="Ask",
+                    elem_id="question",
+                )
+                reset_button = gr.Button("Clear all", variant="secondary", elem_id="reset")
+            with gr.Column(scale=2):
+                label = gr.Label(label="Verdict (calibrated anomaly score)", num_top_classes=2, elem_id="verdict")
+                heatmap = gr.Image(
+                    label="Anomaly heatmap (blue = normal, red = suspicious)",
+                    interactive=False,
+                    format="png",
+                    buttons=["download", "fullscreen"],
+                    height=300,
+                    elem_id="heatmap",
+                )
+                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity", elem_id="opacity")
+                rois = gr.AnnotatedImage(
+                    label="Suspicious regions (ROI boxes)",
+                    format="png",
+                    buttons=["fullscreen"],
+                    height=300,
+                    elem_id="rois",
+                )
+        gr.Examples(
+            [[str(e.image), e.reference and str(e.reference), e.question] for e in write_examples()],
+            inputs=[image, reference, question],
+            label="Examples: click one, then press Ask",
+        )
+
+        chat_view = [chatbot, label, heatmap, rois, session]
+        question.submit(
+            handlers.chat,
+            [question, image, reference, opacity, session],
+            [chatbot, question, label, heatmap, rois, session],
+            api_name="chat",
+            preprocess=False,
+            concurrency_id="model",
+            concurrency_limit=1,  # one model: later questions wait in the queue and see their position
+            show_progress="full",
+            show_progress_on=[chatbot],
+        ).then(unlock_question, None, question, api_visibility="private", show_progress="hidden")
+        opacity.release(handlers.reblend, [opacity, session], heatmap, api_name="reblend", show_progress="hidden")
+        reset_button.click(reset, None, [*chat_view, question, image, reference], api_name="reset")
+        chatbot.clear(clear_chat, None, chat_view, api_visibility="private", show_progress="hidden")
+        for upload in (image, reference):
+            upload.change(
+                handlers.new_uploads,
+                [image, reference],
+                chat_view,
+                preprocess=False,
+                api_visibility="private",
+                show_progress="hidden",
+            )
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> str:
+    """Serve `demo` with the app's limits and privacy settings; returns the local URL (when not blocking)."""
+    demo.queue(max_size=64)
+    _, url, _ = demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(EXAMPLES_DIR)],
+        show_error=True,
+        ssr_mode=False,
+        run_history=False,  # inspection photos may be confidential: keep no run log in the browser
+        footer_links=["api"],
+        css=CSS,
+    )
+    return url

@@ -1,0 +1,112 @@
+"""End to end in headless Chromium: upload, ask twice, and see the answer, verdict, heatmap and boxes.
+
+Playwright drives the system Chromium (`executable_path`), so nothing is downloaded; the browser's own
+DNS is pinned to nowhere except 127.0.0.1 and the test fails if the page requests anything off the machine.
+The screenshot lands in test-artifacts/app.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from assistant.engine import Conversation
+from tests.conftest import defect_image
+from tests.test_app import ROOT, app_url, engine, expected_answer  # noqa: F401  (fixtures: app around a tiny model)
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]
+SCREENSHOT = ROOT / "test-artifacts" / "app.png"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url):  # noqa: F811
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    off_machine: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else off_machine.append(r.url))
+    page.goto(app_url, wait_until="load")  # never "networkidle": Gradio keeps an event stream open
+    playwright.expect(page.locator("#chatbot")).to_be_visible(timeout=30_000)
+    yield page
+    context.close()
+    assert off_machine == [], f"the page reached beyond this machine: {off_machine}"
+
+
+def ask(page, question: str) -> str:
+    """Type, send, and wait for the streamed answer to finish; returns its text."""
+    answers, box = page.locator("#chatbot [data-testid=bot]"), page.locator("#question textarea")
+    count = answers.count()
+    box.fill(question)
+    box.press("Enter")
+    playwright.expect(answers).to_have_count(count + 1, timeout=60_000)  # streaming, the question box locked
+    playwright.expect(box).to_be_enabled(timeout=60_000)  # unlocked once the turn has ended
+    return answers.last.inner_text()
+
+
+def image_shown(page, selector: str) -> None:
+    page.wait_for_function(
+        "s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0 }", arg=selector
+    )
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, engine, tmp_path):  # noqa: F811
+    expect = playwright.expect
+    part, junk = tmp_path / "part.png", tmp_path / "junk.png"
+    defect_image().save(part)
+    junk.write_text("not an image")
+
+    page.locator("#image input[type=file]").set_input_files(str(junk))
+    expect(page.locator("[data-testid=toast-body]")).to_contain_text("not a recognised image format", timeout=10_000)
+    page.locator("[data-testid=toast-close]").first.click()
+
+    page.locator("#image input[type=file]").set_input_files(str(part))
+    expect(page.locator("#image img")).to_be_visible()
+    first = ask(page, "Is there a defect?")
+    conversation = Conversation.start(part, "Is there a defect?")
+    assert words(first) == words(expected_answer(engine, conversation))
+    expect(page.locator("#chatbot [data-testid=user] img")).to_have_count(1)  # the photo opens the chat
+    expect(page.locator("#verdict [data-testid=label-output-value]")).to_have_text("Anomalous")
+    expect(page.locator("#verdict [data-testid=Anomalous-confidence-set]")).to_contain_text("%")
+    image_shown(page, "#heatmap img")
+    image_shown(page, "#rois img.base-image")
+    expect(page.locator("#rois .legend-item").first).to_contain_text("region 1")
+
+    second = ask(page, "Where is it?")
+    expect(page.locator("#chatbot [data-testid=user]")).to_have_count(3)  # photo, question, question
+    conversation.answer(expected_answer(engine, conversation)).ask("Where is it?")
+    assert words(second) == words(expected_answer(engine, conversation))
+    expect(page.locator("#verdict [data-testid=label-output-value]")).to_have_text("Anomalous")
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
