@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 MODEL_ENV = "ANOMALY_ASSISTANT_MODEL"
-COMMAND_FAMILIES = ("assistant.serve.cli", "eval.cli", "training.cli")
+COMMAND_FAMILIES = ("assistant.convert", "assistant.serve.cli", "eval.cli", "training.cli", "data.cli")
 
 
 class UsageError(Exception):
@@ -45,13 +45,59 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+ROI_SOURCES = {"expert": "expert", "clip": "external"}  # --roi-source -> the config's roi.map_source
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not within [0, 1]")
+    return value
+
+
+def load_clip_expert(args: argparse.Namespace):
+    from .clip_expert import ClipAnomalyExpert
+
+    try:
+        return ClipAnomalyExpert.from_spec(args.clip_model, device=args.device, object_name=args.object_name)
+    except ValueError as error:
+        raise UsageError(f"--clip-model: {error}") from error
+
+
+def inspection_engine(args: argparse.Namespace):
+    """The assistant (its ROI maps optionally from CLIP), or the CLIP expert with the assistant's text if --model."""
+    from .engine import LocalEngine
+
+    if "clip" in (args.expert, args.roi_source) and not args.clip_model:
+        raise UsageError("--expert clip and --roi-source clip need --clip-model SPEC")
+    clip = load_clip_expert(args) if args.clip_model else None
+    language = None
+    if args.expert == "model" or args.model:
+        try:
+            language = LocalEngine.from_pretrained(
+                resolve_model(args.model),
+                device=args.device,
+                roi_expert=clip,
+                map_source=ROI_SOURCES.get(args.roi_source),
+            )
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+    if args.expert == "model":
+        return language
+    from .clip.engine import ClipEngine
+
+    return ClipEngine(clip, threshold=args.threshold, text_engine=language)
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .engine import inspect
     from .image_io import load_image
 
     image = load_image(args.image)
     references = [load_image(r) for r in args.reference]
-    verdict = inspect(load_engine(args), image, references, question=args.question, max_new_tokens=args.max_new_tokens)
+    verdict = inspect(
+        inspection_engine(args), image, references, question=args.question, max_new_tokens=args.max_new_tokens
+    )
     if args.heatmap_out:
         from .overlay import blend_heatmap
 
@@ -111,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser.add_argument("--json", action="store_true", help="print the Verdict as JSON")
     inspect_parser.add_argument("--heatmap-out", help="write the heatmap overlay (with boxes) to this image file")
     inspect_parser.add_argument("--max-new-tokens", type=int, default=256)
+    inspect_parser.add_argument(
+        "--expert",
+        choices=("model", "clip"),
+        default="model",
+        help="who scores and localises: the model's own expert, or the training-free CLIP expert "
+        "(its reasoning comes from --model if given, else it is empty)",
+    )
+    inspect_parser.add_argument(
+        "--roi-source",
+        choices=tuple(ROI_SOURCES),
+        default=None,
+        help="map for the model's ROI tokens: its own expert, or the CLIP expert (default: the model config's)",
+    )
+    inspect_parser.add_argument(
+        "--clip-model",
+        metavar="SPEC",
+        help="open_clip model for the CLIP expert: ARCH[:TAG], ARCH@CHECKPOINT, CONFIG.json or a folder "
+        "(see docs/clip_expert.md), e.g. ViT-B-16-plus-240:laion400m_e32",
+    )
+    inspect_parser.add_argument("--object-name", default="object", help="what the CLIP prompts call the object")
+    inspect_parser.add_argument(
+        "--threshold",
+        type=unit_interval,
+        default=0.5,
+        help="CLIP expert: score at or above which the image is anomalous and boxes are reported (default 0.5)",
+    )
     add_model_arguments(inspect_parser)
     inspect_parser.set_defaults(handler=cmd_inspect)
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -87,6 +87,12 @@ class Conversation:
         return chat
 
 
+class MapExpert(Protocol):
+    """An external anomaly-map source for the ROI tokens, e.g. `assistant.clip_expert.ClipAnomalyExpert`."""
+
+    def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]: ...
+
+
 class Engine(Protocol):
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis: ...
 
@@ -133,24 +139,44 @@ def _image_key(images: Sequence[Image.Image]) -> str:
 class LocalEngine:
     """In-process transformers backend with an LRU cache of encoded images."""
 
-    def __init__(self, model: AssistantForConditionalGeneration, processor: AssistantProcessor, cache_size: int = 8):
+    def __init__(
+        self,
+        model: AssistantForConditionalGeneration,
+        processor: AssistantProcessor,
+        cache_size: int = 8,
+        roi_expert: MapExpert | None = None,
+    ):
+        if model.config.roi_config.map_source == "external" and roi_expert is None:
+            raise ValueError(
+                "the model takes its ROI map from an external expert (roi.map_source = 'external'): pass roi_expert "
+                "(CLI: --roi-source clip --clip-model SPEC)"
+            )
         self.model = model.eval()
         self.processor = processor
+        self.roi_expert = roi_expert
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
         self._lock = threading.Lock()  # one generation at a time on a shared model
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        roi_expert: MapExpert | None = None,
+        map_source: Literal["expert", "external"] | None = None,
     ) -> LocalEngine:
+        """Load a checkpoint folder; `map_source` overrides the config's `roi.map_source` for this run."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no model checkpoint here (config.json missing)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model = AssistantForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, AssistantProcessor.from_pretrained(path, config=model.config))
+        if map_source is not None:
+            model.config.roi = {**model.config.roi, "map_source": map_source}
+        return cls(model, AssistantProcessor.from_pretrained(path, config=model.config), roi_expert=roi_expert)
 
     @property
     def device(self) -> torch.device:
@@ -163,13 +189,19 @@ class LocalEngine:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        inputs = self.processor.preprocess_images([list(images)])
+        inputs = self.processor.preprocess_images([list(images)], roi_maps=self._roi_maps(images))
         with torch.inference_mode():
             encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()})
         self._cache[key] = encoding
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return encoding
+
+    def _roi_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
+        """The external expert's map of the query (last image), the earlier images as its normal references."""
+        if self.model.config.roi_config.map_source != "external":
+            return None
+        return [self.roi_expert.score(images[-1], images[:-1])[1]]
 
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
         image = load_image(image, "image")

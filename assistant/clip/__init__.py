@@ -1,0 +1,1 @@
+"""Building blocks of the training-free CLIP expert (`assistant.clip_expert.ClipAnomalyExpert`)."""

@@ -1,0 +1,72 @@
+"""The engine interface over the CLIP expert: its score, map and boxes, text from an optional LLM engine.
+
+`anomaly-assistant inspect --expert clip` goes through `assistant.engine.inspect` exactly like the
+assistant does, so the Verdict is assembled by the same code; without a language model the reasoning
+is empty and no defect is named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..clip_expert import ClipAnomalyExpert
+from ..config import RoiConfig
+from ..engine import Analysis, Conversation, Engine
+from ..image_io import ImageInput, load_image
+from ..roi import detect_boxes
+from ..verdict import Box
+
+
+class ClipEngine:
+    """Verdicts from the CLIP expert: anomalous when score >= threshold; boxes only then."""
+
+    def __init__(
+        self,
+        expert: ClipAnomalyExpert,
+        threshold: float = 0.5,
+        text_engine: Engine | None = None,
+        boxes: RoiConfig | None = None,
+    ):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be within [0, 1], got {threshold}")
+        self.expert = expert
+        self.threshold = threshold
+        self.text_engine = text_engine
+        self.box_config = boxes or RoiConfig()  # Triad's rule: 90% of the map's range, at most 4 boxes
+
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
+        image = load_image(image, "image")
+        references = [load_image(r, f"reference {i + 1}") for i, r in enumerate(references)]
+        score, heatmap = self.expert.score(image, references)
+        anomalous = score >= self.threshold
+        boxes = self.boxes(heatmap) if anomalous else []
+        return Analysis(score=score, anomalous=anomalous, heatmap=heatmap, boxes=boxes)
+
+    def boxes(self, heatmap: np.ndarray) -> list[Box]:
+        """Triad boxes on the map, at least one CLIP patch wide (the map cannot localise finer)."""
+        rows, cols = self.expert.grid_size
+        min_side = math.ceil(max(heatmap.shape[0] / rows, heatmap.shape[1] / cols))
+        return [
+            Box(x0=x0, y0=y0, x1=x1, y1=y1, score=min(1.0, max(0.0, found.score)))
+            for found in detect_boxes(heatmap, min_side, self.box_config)
+            for x0, y0, x1, y1 in [found.box]
+        ]
+
+    def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
+        if self.text_engine is None:
+            return [""] * len(conversations)
+        return self.text_engine.complete(conversations, max_new_tokens)
+
+    def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
+        if self.text_engine is not None:
+            yield from self.text_engine.stream(conversation, max_new_tokens)
+
+    def choice_probabilities(
+        self, conversations: Sequence[Conversation], choices: Sequence[str]
+    ) -> list[dict[str, float]]:
+        if self.text_engine is None:
+            raise ValueError("choice probabilities need a language model: give the CLIP engine a text_engine")
+        return self.text_engine.choice_probabilities(conversations, choices)
