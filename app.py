@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name, value in OFFLINE_ENV.items():
         os.environ.setdefault(name, value)
-    from assistant.cli import UsageError
+    from assistant.errors import AssistantError
     from assistant.ui import build_demo, launch, load_backend
 
     try:
         backend = load_backend(args.model, args.endpoint, args.served_model, args.api_key, args.device)
-    except (UsageError, FileNotFoundError) as error:
+    except (AssistantError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"backend: {backend.description}", flush=True)

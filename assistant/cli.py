@@ -1,7 +1,8 @@
-"""`anomaly-assistant` command line: inspect, chat, init-tiny, and the serve/eval/train families.
+"""`anomaly-assistant` command line: inspect, chat, init-tiny, convert, and the serve/eval/train/data families.
 
-Each family registers its own sub-commands (`register(subparsers)` in its module), so this file only
-routes; heavy imports happen inside the command that needs them, keeping `--help` instant.
+Each family registers its own sub-commands (`register(subparsers)` in its module). Modules that build the
+parser import only argparse-level code; every command imports its implementation when it runs, so
+`--help` does not load torch or transformers.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import AssistantError, UsageError
+
 MODEL_ENV = "ANOMALY_ASSISTANT_MODEL"
-COMMAND_FAMILIES = ("assistant.convert", "assistant.serve.cli", "eval.cli", "training.cli", "data.cli")
-
-
-class UsageError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+COMMAND_FAMILIES = ("assistant.serve.cli", "eval.cli", "training.cli", "data.cli")
 
 
 def resolve_model(path: str | None) -> Path:
@@ -91,13 +90,13 @@ def inspection_engine(args: argparse.Namespace):
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .engine import inspect
+    from .prompts import INSPECTION_QUESTION
     from .image_io import load_image
 
     image = load_image(args.image)
     references = [load_image(r) for r in args.reference]
-    verdict = inspect(
-        inspection_engine(args), image, references, question=args.question, max_new_tokens=args.max_new_tokens
-    )
+    question = args.question or INSPECTION_QUESTION
+    verdict = inspect(inspection_engine(args), image, references, question, args.max_new_tokens)
     if args.heatmap_out:
         from .overlay import blend_heatmap
 
@@ -116,7 +115,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from .engine import Conversation
+    from .image_io import load_image
 
+    image = load_image(args.image)  # a bad file is reported before the model loads
+    references = [load_image(r) for r in args.reference]
     engine = load_engine(args)
     conversation = None
     print("Ask about the image; an empty line or Ctrl-D ends the chat.")
@@ -128,7 +130,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not question:
             break
         if conversation is None:
-            conversation = Conversation.start(args.image, question, args.reference)
+            conversation = Conversation.start(image, question, references)
         else:
             conversation.ask(question)
         answer = []
@@ -146,6 +148,24 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
     print(save_assistant(model, processor, args.output))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .factory import save_assistant
+    from .processing import AssistantProcessor
+
+    path = resolve_model(args.model)
+    model = load_model(path)
+    print(save_assistant(model, AssistantProcessor.from_pretrained(path, config=model.config), args.output))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import from_llava_onevision
+    from .factory import save_assistant
+
+    model, processor = from_llava_onevision(args.llava, args.expert, roi={"enabled": not args.no_roi})
+    print(save_assistant(model, processor, args.output))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-assistant", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -153,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser = commands.add_parser("inspect", help="verdict, heatmap, boxes and reasoning for one image")
     inspect_parser.add_argument("image")
     inspect_parser.add_argument("--reference", action="append", default=[], help="a normal image of the same object")
-    inspect_parser.add_argument("--question", default=None, help="what to ask the assistant")
+    inspect_parser.add_argument(
+        "--question", default=None, help="what to ask the assistant (default: a full inspection question)"
+    )
     inspect_parser.add_argument("--json", action="store_true", help="print the Verdict as JSON")
     inspect_parser.add_argument("--heatmap-out", help="write the heatmap overlay (with boxes) to this image file")
     inspect_parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -199,29 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_parser.add_argument("--no-roi", action="store_true", help="build it without ROI tokens")
     tiny_parser.set_defaults(handler=cmd_init_tiny)
 
+    export_parser = commands.add_parser(
+        "export", help="write any checkpoint (e.g. the composed demo model) as one full safetensors folder (for vLLM)"
+    )
+    export_parser.add_argument("output")
+    export_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    export_parser.set_defaults(handler=cmd_export)
+
+    convert_parser = commands.add_parser(
+        "convert", help="build an assistant checkpoint from llava-hf + Anomaly-OV weights"
+    )
+    convert_parser.add_argument("--llava", required=True, help="local llava-hf LLaVA-OneVision folder")
+    convert_parser.add_argument("--expert", help="official pretrained_expert_*.pth (random expert if omitted)")
+    convert_parser.add_argument("--output", required=True)
+    convert_parser.add_argument("--no-roi", action="store_true", help="Anomaly-OV exactly: no Triad ROI tokens")
+    convert_parser.set_defaults(handler=cmd_convert)
+
     for module_name in COMMAND_FAMILIES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and module_name.startswith(error.name):
-                continue  # that family is not part of this installation
-            raise
-        module.register(commands)
+        importlib.import_module(module_name).register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.handler
-    from .image_io import ImageError
-
-    if getattr(args, "question", "") is None:
-        from .engine import INSPECTION_QUESTION
-
-        args.question = INSPECTION_QUESTION
     try:
         handler(args)
-    except (UsageError, ImageError, FileNotFoundError) as error:
+    except (AssistantError, FileNotFoundError) as error:  # bad input, or a path the user named that is not there
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

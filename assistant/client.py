@@ -21,7 +21,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from .engine import Analysis, Conversation
-from .image_io import ImageInput, load_image
+from .errors import AssistantError
+from .image_io import ImageInput, load_image, load_references
 from .verdict import Verdict
 
 TOP_LOGPROBS = 20  # the most the OpenAI API returns; a choice outside them gets no probability mass
@@ -30,7 +31,7 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-class EndpointError(RuntimeError):
+class EndpointError(AssistantError, RuntimeError):
     """The endpoint is down, refused, timed out or answered something unusable."""
 
 
@@ -124,7 +125,7 @@ class EndpointEngine:
         return self._map(lambda c: self._chat(c, max_tokens=max_new_tokens).message.content or "", conversations)
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
-        """Yield the answer's text as the server sends it (server-sent events)."""
+        """Yield the answer's text as the server sends it (server-sent events); stopping early closes the stream."""
         with self._errors():
             chunks = self.client.chat.completions.create(
                 model=self.model,
@@ -133,9 +134,10 @@ class EndpointEngine:
                 max_tokens=max_new_tokens,
                 stream=True,
             )
-            for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+            with chunks:
+                for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield chunk.choices[0].delta.content
 
     def choice_probabilities(
         self, conversations: Sequence[Conversation], choices: Sequence[str]
@@ -168,7 +170,7 @@ class EndpointEngine:
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
         """The expert's score, heatmap and boxes from our server's `POST {base_url}/inspect` (no text generated)."""
         image = load_image(image, "image")
-        references = [load_image(r, f"reference {i + 1}") for i, r in enumerate(references)]
+        references = load_references(references)
         body = {
             "model": self.model,
             "image_url": data_url(image),

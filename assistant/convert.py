@@ -4,18 +4,24 @@ The official expert (`pretrained_expert_{7b,05b}.pth`) is a plain state dict of 
 module. Its LTFM keeps softmax channel 1 (its `negative_embedding`) as the anomaly probability, so that
 embedding becomes our `abnormal_embedding`. Unlike the official loader (`strict=False`), every key must
 map: a silently dropped tensor would leave a random layer in a "pretrained" expert.
+
+`anomaly-assistant convert` (registered in `cli.py`) runs `from_llava_onevision`.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
+from .errors import AssistantError
 from .expert import AnomalyExpert
-from .factory import create_assistant, save_assistant
+from .factory import create_assistant
+
+class ConversionError(AssistantError, ValueError):
+    """An official checkpoint that is missing or does not fit the assistant's layout."""
+
 
 _EMBEDDINGS = {"negative_embedding": "ltfm.abnormal_embedding", "positive_embedding": "ltfm.normal_embedding"}
 
@@ -61,7 +67,8 @@ def expert_from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     pairs = expert_key_pairs(_num_levels(state_dict))
     unknown = sorted(set(state_dict) - set(pairs))
     if unknown:
-        raise ValueError(f"keys not in the Anomaly-OV expert layout: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        more = " ..." if len(unknown) > 8 else ""
+        raise ConversionError(f"keys not in the Anomaly-OV expert layout: {unknown[:8]}{more}")
     embeddings = set(_EMBEDDINGS.values())
     return {
         pairs[key]: tensor.reshape(-1) if pairs[key] in embeddings else tensor for key, tensor in state_dict.items()
@@ -82,11 +89,16 @@ def expert_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 def read_official_expert(path: str | Path) -> dict[str, torch.Tensor]:
     """Our-layout state dict from a `pretrained_expert_*.pth` file (tensors only, no pickled code)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: expert checkpoint not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load fails on foreign files with many unrelated exception types
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error})") from error
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: expected a state dict, got {type(state).__name__}")
     return expert_from_official(state)
 
 
@@ -106,10 +118,12 @@ def load_official_expert(expert: AnomalyExpert, path: str | Path) -> None:
     expected = expert.state_dict()
     missing = sorted(set(expected) - set(converted))
     if missing:
-        raise ValueError(f"{path}: the expert checkpoint lacks {missing}")
+        raise ConversionError(f"{path}: the expert checkpoint lacks {missing}")
     for key, tensor in converted.items():
         if tensor.shape != expected[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+            raise ConversionError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
     expert.load_state_dict(converted, strict=True)
 
 
@@ -118,6 +132,8 @@ def from_llava_onevision(
 ):
     """An assistant whose LLaVA-OneVision weights come from a llava-hf folder (expert random unless given)."""
     llava_path = Path(llava_path)
+    if not (llava_path / "config.json").is_file():  # never a Hub id: conversion reads local files only
+        raise ConversionError(f"{llava_path}: not a llava-hf LLaVA-OneVision folder (no config.json)")
     if expert_path is not None:
         expert = {**expert_dims(read_official_expert(expert_path)), **(expert or {})}
     base = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_path, dtype=torch.float32)
@@ -135,26 +151,14 @@ def from_llava_onevision(
         vision_aspect_ratio=config.vision_aspect_ratio,
     )
     if model.config.image_token_id != config.image_token_id:
-        raise ValueError(f"tokenizer's <image> id {model.config.image_token_id} differs from the checkpoint's {config.image_token_id}")
+        raise ConversionError(
+            f"tokenizer's <image> id {model.config.image_token_id} differs from the checkpoint's {config.image_token_id}"
+        )
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     missing = [key for key in missing if not key.startswith("model.anomaly_expert.")]
     if missing or unexpected:
-        raise ValueError(f"LLaVA-OneVision weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConversionError(f"LLaVA-OneVision weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if expert_path is not None:
         load_official_expert(model.anomaly_expert, expert_path)
     return model, processor
 
-
-def cmd_convert(args: argparse.Namespace) -> None:
-    roi = {"enabled": not args.no_roi}
-    model, processor = from_llava_onevision(args.llava, args.expert, roi=roi)
-    print(save_assistant(model, processor, args.output))
-
-
-def register(commands) -> None:
-    parser = commands.add_parser("convert", help="build an assistant checkpoint from llava-hf + Anomaly-OV weights")
-    parser.add_argument("--llava", required=True, help="local llava-hf LLaVA-OneVision folder")
-    parser.add_argument("--expert", help="official pretrained_expert_*.pth (random expert if omitted)")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--no-roi", action="store_true", help="Anomaly-OV exactly: no Triad ROI tokens")
-    parser.set_defaults(handler=cmd_convert)

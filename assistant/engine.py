@@ -19,18 +19,16 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .checkpoint import load_model
 from .heatmap import resize_map
-from .image_io import ImageInput, load_image
+from .image_io import ImageInput, load_image, load_references
 from .modeling import AssistantForConditionalGeneration, ImageEncoding
 from .processing import AssistantProcessor
+from .prompts import DEFECT_QUESTION, INSPECTION_QUESTION, REFERENCE_INTRO
 from .verdict import Box, Verdict
 
-DETECTION_QUESTION = "Are there any defects for the object in the image? Please reply with 'Yes' or 'No'."
-INSPECTION_QUESTION = "Is there any defect in the object? If there is, describe the defect and where it is."
-DEFECT_QUESTION = "Name the type of the defect in a few words."
-REFERENCE_INTRO = "The first {n} image(s) show normal samples of the object; the last image is the query."
 
 
 @dataclass
@@ -57,7 +55,7 @@ class Conversation:
     ) -> Conversation:
         return cls(
             image=None if image is None else load_image(image, "image"),
-            references=[load_image(r, f"reference {i + 1}") for i, r in enumerate(references)],
+            references=load_references(references),
             messages=[{"role": "user", "content": question}],
         )
 
@@ -128,6 +126,16 @@ def inspect(
     )
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends a generation early once `event` is set (its reader went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def _image_key(images: Sequence[Image.Image]) -> str:
     digest = hashlib.sha256()
     for image in images:
@@ -156,7 +164,7 @@ class LocalEngine:
         self.roi_expert = roi_expert
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
-        self._lock = threading.Lock()  # one generation at a time on a shared model
+        self._lock = threading.Lock()  # one model call at a time; also guards the image cache
 
     @classmethod
     def from_pretrained(
@@ -167,13 +175,11 @@ class LocalEngine:
         roi_expert: MapExpert | None = None,
         map_source: Literal["expert", "external"] | None = None,
     ) -> LocalEngine:
-        """Load a checkpoint folder; `map_source` overrides the config's `roi.map_source` for this run."""
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no model checkpoint here (config.json missing)")
+        """Load a checkpoint folder (plain or composed, see `checkpoint.py`); `map_source` overrides the config's
+        `roi.map_source` for this run."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        model = AssistantForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        model = load_model(path, dtype).to(device)
         if map_source is not None:
             model.config.roi = {**model.config.roi, "map_source": map_source}
         return cls(model, AssistantProcessor.from_pretrained(path, config=model.config), roi_expert=roi_expert)
@@ -205,8 +211,9 @@ class LocalEngine:
 
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
         image = load_image(image, "image")
-        images = [load_image(r, f"reference {i + 1}") for i, r in enumerate(references)] + [image]
-        analysis = self.encode(images).analysis
+        images = [*load_references(references), image]
+        with self._lock:  # the image cache is shared with the text methods
+            analysis = self.encode(images).analysis
         expert = self.model.config.expert_config
         score = float(analysis.calibrated_scores(expert)[0])
         heatmap = resize_map(analysis.heatmaps[0].float().cpu(), (image.height, image.width)).clamp(0, 1).numpy()
@@ -256,8 +263,13 @@ class LocalEngine:
         return self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
-        """Yield the answer's text as it is generated (greedy)."""
+        """Yield the answer's text as it is generated (greedy).
+
+        A reader that stops early (a closed browser tab) stops the generation too, before the model is
+        released to the next caller.
+        """
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        stop = threading.Event()
         with self._lock:
             with torch.inference_mode():
                 embeds, mask = self._prompt_embeddings([conversation])
@@ -267,7 +279,11 @@ class LocalEngine:
                 try:
                     with torch.inference_mode():
                         self.model.generate(
-                            inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **self._generation_kwargs(max_new_tokens)
+                            inputs_embeds=embeds,
+                            attention_mask=mask,
+                            streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                            **self._generation_kwargs(max_new_tokens),
                         )
                 except BaseException as error:  # surfaced in the caller's thread below
                     errors.append(error)
@@ -275,8 +291,11 @@ class LocalEngine:
 
             worker = threading.Thread(target=generate, daemon=True)
             worker.start()
-            yield from (chunk for chunk in streamer if chunk)
-            worker.join()
+            try:
+                yield from (chunk for chunk in streamer if chunk)
+            finally:
+                stop.set()
+                worker.join()
         if errors:
             raise errors[0]
 

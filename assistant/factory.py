@@ -18,7 +18,8 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from .config import AssistantConfig
 from .modeling import AssistantForConditionalGeneration
-from .processing import CHAT_TEMPLATE, IMAGE_TOKEN, AssistantProcessor, suspicion_phrase_ids
+from .processing import CHAT_TEMPLATE, AssistantProcessor, suspicion_phrase_ids
+from .prompts import IMAGE_TOKEN
 
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import AssistantError
 
 MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused, not silently downsampled
 MAX_BYTES = 64 * 1024 * 1024
@@ -20,7 +23,7 @@ MAX_BYTES = 64 * 1024 * 1024
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 
-class ImageError(ValueError):
+class ImageError(AssistantError, ValueError):
     """An input image that cannot be used, with a message meant for the user."""
 
 
@@ -107,3 +110,8 @@ def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{name}: image has no pixels")
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def load_references(sources: Sequence[ImageInput]) -> list[Image.Image]:
+    """Normal reference images, named "reference 1", "reference 2", ... in error messages."""
+    return [load_image(source, f"reference {number}") for number, source in enumerate(sources, start=1)]

@@ -32,6 +32,12 @@ class ImageLayout:
     num_roi: int
 
     @property
+    def num_crops(self) -> int:
+        """Crops the vision tower encodes: the base crop plus the AnyRes tiles (a reference has no tiles)."""
+        rows, cols = self.grid
+        return 1 + rows * cols
+
+    @property
     def num_embeddings(self) -> int:
         """Positions whose embeddings come from the model (all image-token positions)."""
         return self.num_base + self.num_adverb + self.num_expert + self.num_roi

@@ -24,8 +24,8 @@ from transformers.processing_utils import ProcessorMixin
 from .config import SUSPICION_ADVERBS, AssistantConfig
 from .image_io import ImageInput, load_image
 from .layout import ImageLayout, expand_image_ids, image_layout
+from .prompts import IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 CHAT_TEMPLATE = (

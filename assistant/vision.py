@@ -53,6 +53,16 @@ class ImageAnalysis:
 
 
 @dataclass
+class QueryAnalysis:
+    """One vision pass over a batch's crops and the expert's reading of its query images (no LLM tokens)."""
+
+    layouts: list[ImageLayout]
+    features: torch.Tensor  # [C, N, D] final-layer features of every crop, all images in order
+    expert: ExpertOutput | None  # over the query images' crops; None when the batch has no query image
+    heatmaps: list[torch.Tensor]  # [h, w] per query image, at its source size
+
+
+@dataclass
 class ImageEncoding:
     embeddings: torch.Tensor  # [positions, hidden]: one row per image-token position, all images in order
     layouts: list[ImageLayout]
@@ -113,6 +123,49 @@ class ImageEncoderMixin:
             for (h, w), q in zip(image_sizes.tolist(), image_is_query)
         ]
 
+    def analyze_queries(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        image_is_query: torch.Tensor,
+        source_sizes: torch.Tensor,
+        vision_grad: bool = True,
+    ) -> QueryAnalysis:
+        """Vision features of every crop, then the expert's maps, tokens, score and heatmap for each query image.
+
+        `encode_images` builds the LLM tokens on top of this; stage-1 training calls it alone.
+        `vision_grad=False` runs the tower without autograd (a frozen tower while the expert trains).
+        """
+        layouts = self._layouts(image_sizes, image_is_query)
+        crops_per_image = [layout.num_crops for layout in layouts]
+        if sum(crops_per_image) != pixel_values.shape[0]:
+            raise ValueError(
+                f"expected {sum(crops_per_image)} crops for these image sizes, got {pixel_values.shape[0]}"
+            )
+        with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
+            final, levels = self.vision_features(pixel_values, self.config.expert_config.feature_layers)
+        query_layouts = [layout for layout in layouts if layout.is_query]
+        if not query_layouts:
+            return QueryAnalysis(layouts, final, None, [])
+        query_crops = [layout.num_crops for layout in query_layouts]
+        query_final, query_levels = final, levels
+        if len(query_layouts) < len(layouts):  # a batch of queries only (stage 1) needs no copy
+            crop_is_query = torch.repeat_interleave(
+                image_is_query.to(final.device), torch.tensor(crops_per_image, device=final.device)
+            )
+            query_final, query_levels = final[crop_is_query], [f[crop_is_query] for f in levels]
+        expert = self.anomaly_expert(query_final, query_levels, query_crops)
+        heatmaps = [
+            assemble_heatmap(maps, (height, width), layout.grid, (source_h, source_w))
+            for maps, layout, (height, width), (source_h, source_w) in zip(
+                torch.split(expert.maps, query_crops),
+                query_layouts,
+                image_sizes[image_is_query].tolist(),
+                source_sizes.tolist(),
+            )
+        ]
+        return QueryAnalysis(layouts, final, expert, heatmaps)
+
     def _expert_tokens(self, expert: ExpertOutput, layouts: list[ImageLayout]) -> list[torch.Tensor]:
         """Projected [global, crop-0 tokens, tile grid with row newlines] for each query image."""
         pooled = self.config.expert_config.pooled_side
@@ -122,8 +175,8 @@ class ImageEncoderMixin:
         sequences, start = [], 0
         for index, layout in enumerate(layouts):
             rows, cols = layout.grid
-            tokens = crop_tokens[start : start + 1 + rows * cols]
-            start += 1 + rows * cols
+            tokens = crop_tokens[start : start + layout.num_crops]
+            start += layout.num_crops
             grid = tokens[1:].view(rows, cols, pooled, pooled, hidden).permute(0, 2, 1, 3, 4)
             grid = grid.reshape(rows * pooled, cols * pooled, hidden)
             newline = self.image_newline.to(grid)[None, None].expand(rows * pooled, 1, hidden)
@@ -176,43 +229,29 @@ class ImageEncoderMixin:
         `roi_pixel_values`: one uint8 [3, h, w] source per query image, as a padded [Q, 3, S, S] canvas or a
         sequence of unpadded tensors.
         """
-        config, expert_config, roi = self.config, self.config.expert_config, self.config.roi_config
+        config, roi = self.config, self.config.roi_config
         if roi.enabled and roi_pixel_values is None and bool(image_is_query.any()):
             raise ValueError("ROI tokens are enabled but roi_pixel_values were not given")
         if roi.map_source == "external" and roi_maps is None and bool(image_is_query.any()):
             raise ValueError("roi.map_source is 'external' but no roi_maps were given")
-        layouts = self._layouts(image_sizes, image_is_query)
-        crops_per_image = [1 + layout.grid[0] * layout.grid[1] if layout.is_query else 1 for layout in layouts]
-        if sum(crops_per_image) != pixel_values.shape[0]:
-            raise ValueError(
-                f"expected {sum(crops_per_image)} crops for these image sizes, got {pixel_values.shape[0]}"
-            )
-
-        final, levels = self.vision_features(pixel_values, expert_config.feature_layers)
+        queries = self.analyze_queries(pixel_values, image_sizes, image_is_query, source_sizes)
+        layouts, final, expert, heatmaps = queries.layouts, queries.features, queries.expert, queries.heatmaps
         projected = self.multi_modal_projector(final)
         base_tokens, _ = self.pack_image_features(
-            list(torch.split(projected, crops_per_image)), image_sizes, self.image_newline, config.vision_aspect_ratio
+            list(torch.split(projected, [layout.num_crops for layout in layouts])),
+            image_sizes,
+            self.image_newline,
+            config.vision_aspect_ratio,
         )
-        query_layouts = [layout for layout in layouts if layout.is_query]
-        if not query_layouts:
+        if expert is None:
             return ImageEncoding(torch.cat(base_tokens), layouts, None)
 
-        crop_is_query = torch.repeat_interleave(
-            image_is_query.to(final.device), torch.tensor(crops_per_image, device=final.device)
-        )
-        query_crops = [count for count, layout in zip(crops_per_image, layouts) if layout.is_query]
-        expert = self.anomaly_expert(final[crop_is_query], [f[crop_is_query] for f in levels], query_crops)
-        expert_tokens = self._expert_tokens(expert, query_layouts)
-        levels_of_suspicion = suspicion_level(expert.scores, expert_config.suspicion_thresholds)
+        expert_tokens = self._expert_tokens(expert, [layout for layout in layouts if layout.is_query])
+        levels_of_suspicion = suspicion_level(expert.scores, config.expert_config.suspicion_thresholds)
         adverb_ids = torch.tensor(config.adverb_token_ids, device=final.device)
         adverbs = self.token_embeddings(adverb_ids[levels_of_suspicion])  # [Q, n_adv, H]
 
         sizes = [tuple(s) for s in source_sizes.tolist()]
-        crop_maps = torch.split(expert.maps, query_crops)
-        heatmaps = [
-            assemble_heatmap(maps, (l_size[0], l_size[1]), layout.grid, size)
-            for maps, layout, l_size, size in zip(crop_maps, query_layouts, image_sizes[image_is_query].tolist(), sizes)
-        ]
         box_maps = heatmaps if roi.map_source == "expert" else [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)]
         detected, crops = [], []
         for box_map in box_maps:

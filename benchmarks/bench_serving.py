@@ -32,11 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assistant.client import to_messages  # noqa: E402
 from assistant.engine import Conversation, LocalEngine  # noqa: E402
+from assistant.prompts import INSPECTION_QUESTION  # noqa: E402
 from assistant.factory import save_assistant, tiny_assistant  # noqa: E402
 from assistant.serve.process import ServerProcess  # noqa: E402
 from data.synthetic import normal_part  # noqa: E402
-
-QUESTION = "Is there any defect in the object? If there is, describe the defect and where it is."
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Timing:
 
 def conversations(count: int, size: int, first_seed: int = 0) -> list[Conversation]:
     return [
-        Conversation.start(normal_part("textile", size, seed)[0], QUESTION)
+        Conversation.start(normal_part("textile", size, seed)[0], INSPECTION_QUESTION)
         for seed in range(first_seed, first_seed + count)
     ]
 

@@ -11,10 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-from assistant.cli import UsageError
-
-from .errors import DataError
-
 
 def _write_conversations(images: list, root: Path, output: Path, seed: int, balanced: bool) -> int:
     from .conversations import conversation_records
@@ -63,18 +59,6 @@ def cmd_check(args: argparse.Namespace) -> None:
     print(f"{path}: {len(samples)} records, {turns} turns, {sum(len(s.images) for s in samples)} images, all found")
 
 
-def _handle(handler):
-    """Data problems are the user's to fix: report them as usage errors (one message, exit code 2)."""
-
-    def run(args: argparse.Namespace) -> None:
-        try:
-            handler(args)
-        except DataError as error:
-            raise UsageError(str(error)) from error
-
-    return run
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="write synthetic datasets and conversations, check data files")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -88,7 +72,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--size", type=int, default=128, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--instruct", help="also write Anomaly-Instruct-style conversations to this JSON file")
-    synth.set_defaults(handler=_handle(cmd_synth))
+    synth.set_defaults(handler=cmd_synth)
 
     instruct = sub.add_parser("instruct", help="conversations (LLaVA JSON) from a labelled MVTec/VisA folder")
     instruct.add_argument("root", help="dataset folder")
@@ -98,9 +82,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     instruct.add_argument("--output", required=True, help="JSON file to write (image paths relative to root)")
     instruct.add_argument("--seed", type=int, default=0)
     instruct.add_argument("--unbalanced", action="store_true", help="keep every image instead of balancing Yes/No")
-    instruct.set_defaults(handler=_handle(cmd_instruct))
+    instruct.set_defaults(handler=cmd_instruct)
 
     check = sub.add_parser("check", help="validate a conversation JSON/JSONL or a datasets.yaml mixture")
     check.add_argument("file")
     check.add_argument("--image-root", help="folder image paths are relative to (default: the JSON file's folder)")
-    check.set_defaults(handler=_handle(cmd_check))
+    check.set_defaults(handler=cmd_check)

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from assistant.engine import DETECTION_QUESTION
-from assistant.processing import IMAGE_TOKEN
+from assistant.prompts import DEFECT_QUESTION, DETECTION_QUESTION, IMAGE_TOKEN
 
 from .errors import DataError
 from .folder import LabelledImage
@@ -73,7 +72,7 @@ def anomalous_turns(defect: str, category: str, region: DefectRegion | None, rng
     where = f", in the {region.location} of the image" if region else ""
     description = f"There is a {region.size + ' ' if region else ''}{defect} on the {category}{where}."
     turns = _turn(rng.choice(DESCRIBE_DEFECT).format(category=category), description)
-    extra = [("What type of defect is it?", f"It is {'an' if defect[0] in 'aeiou' else 'a'} {defect}.")]
+    extra = [(DEFECT_QUESTION, f"It is {'an' if defect[0] in 'aeiou' else 'a'} {defect}.")]
     extra.append(("Should this part pass inspection?", f"No. The {defect} is a defect, so the {category} should be rejected."))
     if region:
         centre_x, centre_y = (region.box[0] + region.box[2]) / 2, (region.box[1] + region.box[3]) / 2

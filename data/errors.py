@@ -1,13 +1,15 @@
-"""The one exception every data loader raises, so the CLI can print it as a one-line error."""
+"""The one exception every data loader (and evaluation input reader) raises: an `AssistantError` the CLI prints."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from assistant.errors import AssistantError
+
 MAX_LISTED = 10  # problems listed by name in one message; the rest are counted
 
 
-class DataError(ValueError):
+class DataError(AssistantError, ValueError):
     """A dataset problem, naming the file and the record it concerns."""
 
 

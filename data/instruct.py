@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from assistant.processing import IMAGE_TOKEN
+from assistant.prompts import IMAGE_TOKEN
 
 from .errors import DataError, summarise
 
@@ -83,16 +83,25 @@ def record_key(path: Path, index: int, record: object) -> str:
     return f"{path.name}[{index}]" + (f" id={record_id}" if record_id is not None else "")
 
 
+def _parse(path: Path, text: str, first_line: int = 1) -> object:
+    """JSON text from `path` (starting at `first_line` of the file), or a DataError naming the file line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        line = first_line + error.lineno - 1
+        raise DataError(f"{path}: not valid JSON (line {line}, column {error.colno}: {error.msg})") from error
+
+
 def _read_records(path: Path) -> list[object]:
     if not path.is_file():
         raise DataError(f"{path}: conversation file not found")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from error
+    if path.suffix == ".jsonl":
+        return [_parse(path, line, number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records = _parse(path, text)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records

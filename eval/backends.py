@@ -10,7 +10,8 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from assistant.cli import UsageError, add_model_arguments, load_engine, resolve_model
+from assistant.cli import add_model_arguments, load_engine, resolve_model
+from assistant.errors import UsageError
 
 if TYPE_CHECKING:
     from assistant.engine import Engine

@@ -10,6 +10,8 @@ import argparse
 import importlib
 from collections.abc import Callable
 
+from assistant.cli import add_model_arguments
+
 from .backends import add_backend_arguments, at_least
 
 OFFICIAL_MMAD_SIDE = 512  # the official MMAD scripts fit every image into 512x512
@@ -73,7 +75,7 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scorers", default="expert", help="comma-separated: expert (our model), clip (assistant.clip_expert)"
     )
-    parser.add_argument("--clip-model", default="ViT-B-16", help="ClipAnomalyExpert.from_spec spec for the clip scorer")
+    parser.add_argument("--clip-model", help="ClipAnomalyExpert.from_spec spec, required with the clip scorer")
     parser.add_argument(
         "--shots", type=COUNT, default=0, help="normal training images given to the scorer as references"
     )
@@ -82,6 +84,9 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
         "--pixel-size", type=COUNT, default=256, help="long side of masks/maps for pixel metrics; 0 = mask resolution"
     )
     parser.add_argument("--limit", type=POSITIVE, help="only N test images per category (spread over the sorted list)")
+    parser.add_argument(
+        "--image-only", action="store_true", help="image-level metrics only, for test sets without pixel masks"
+    )
     _output(parser, "eval-results/zeroshot-<data folder>")
     add_backend_arguments(parser)
 
@@ -107,25 +112,34 @@ BENCHMARKS = {
 
 def _handler(module_name: str) -> Callable[[argparse.Namespace], None]:
     def handle(args: argparse.Namespace) -> None:
-        from assistant.cli import UsageError
-        from assistant.client import EndpointError
-
-        from .inputs import DataError
-
-        try:
-            report = importlib.import_module(module_name).run(args)
-        except (DataError, EndpointError) as error:
-            raise UsageError(str(error)) from error
+        report = importlib.import_module(module_name).run(args)
         print(report.read_text(encoding="utf-8"))
         print(f"report: {report}")
 
     return handle
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    importlib.import_module("eval.calibrate").run(args)
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="a labelled MVTec/VisA-layout folder (a validation split)")
+    parser.add_argument("--layout", choices=("mvtec", "visa"), default="mvtec")
+    parser.add_argument("--split", choices=("train", "test", "all"), default="train")
+    parser.add_argument("--categories", help="comma-separated subset of categories")
+    parser.add_argument("--write", action="store_true", help="store the fitted scale and shift in the model's config.json")
+    add_model_arguments(parser)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("eval", help="benchmarks: MMAD, VisA-D&R, zero-shot expert metrics")
+    parser = commands.add_parser("eval", help="benchmarks: MMAD, VisA-D&R, zero-shot expert metrics; calibration")
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
     for name, (module_name, add_arguments, help_text) in BENCHMARKS.items():
         sub = benchmarks.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
         sub.set_defaults(handler=_handler(module_name))
+    text = "fit the Platt scaling of the expert score on labelled images (and store it with --write)"
+    calibrate = benchmarks.add_parser("calibrate", help=text, description=text)
+    add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(handler=_calibrate)

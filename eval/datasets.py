@@ -40,7 +40,9 @@ def load_mask(sample: LabelledImage, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.open(sample.mask).convert("L")) > 0
 
 
-def load_categories(root: str | Path, names: list[str] | None = None) -> tuple[str, list[Category]]:
+def load_categories(
+    root: str | Path, names: list[str] | None = None, require_masks: bool = True
+) -> tuple[str, list[Category]]:
     """('mvtec' | 'visa', categories in name order), optionally only the named ones."""
     root = Path(root)
     layout = "visa" if (root / VISA_CSV).is_file() else "mvtec"
@@ -50,8 +52,11 @@ def load_categories(root: str | Path, names: list[str] | None = None) -> tuple[s
     if unknown:
         raise DataError(f"{root}: no categories {unknown}; found {found}")
     unmasked = [str(i.image) for i in images if i.split == "test" and i.anomalous and i.mask is None]
-    if unmasked:
-        raise DataError(f"{root}: {len(unmasked)} anomalous test images have no mask file, e.g. {unmasked[0]}")
+    if unmasked and require_masks:
+        raise DataError(
+            f"{root}: {len(unmasked)} anomalous test images have no mask file, e.g. {unmasked[0]} "
+            "(--image-only measures image-level metrics without masks)"
+        )
     return layout, [
         Category(
             name,

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from assistant.cli import UsageError
+from assistant.errors import UsageError
 from assistant.engine import Engine
 
 from .backends import model_label, open_engine
@@ -45,6 +45,12 @@ def scorer_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_scorer_arguments(names: list[str], args: argparse.Namespace) -> None:
+    """A CLIP row without a chosen model would quietly measure random weights."""
+    if "clip" in names and not args.clip_model:
+        raise UsageError("--scorers clip needs --clip-model SPEC (e.g. ViT-B-16-plus-240:laion400m_e32)")
+
+
 def scorer_spec(name: str, args: argparse.Namespace) -> str:
     """What the scorer is (recorded, so a resumed run cannot mix two different models under one name)."""
     return model_label(args) if name == "expert" else args.clip_model
@@ -53,12 +59,8 @@ def scorer_spec(name: str, args: argparse.Namespace) -> str:
 def build_scorer(name: str, args: argparse.Namespace) -> Scorer:
     if name == "expert":
         return ExpertScorer(open_engine(args))
-    try:
-        from assistant.clip_expert import ClipAnomalyExpert
-    except ModuleNotFoundError as error:
-        if error.name != "assistant.clip_expert":
-            raise
-        raise UsageError("the clip scorer needs assistant/clip_expert.py (ClipAnomalyExpert), missing here") from error
+    from assistant.clip_expert import ClipAnomalyExpert
+
     try:
         return ClipAnomalyExpert.from_spec(args.clip_model, device=args.device)
     except ValueError as error:  # an unknown architecture, tag or config

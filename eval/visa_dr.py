@@ -18,12 +18,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from assistant.engine import DETECTION_QUESTION, Conversation, Engine
+from assistant.engine import Conversation, Engine
+from assistant.prompts import DETECTION_QUESTION
 from assistant.image_io import load_image
 
 from .backends import batch_size, check_backend, model_label, model_slug, open_engine
 from .inputs import DataError, check_files_exist
-from .published import VISA_DR, VISA_DR_COLUMNS
+from .published import BENCHMARK_CATEGORIES, VISA_DR, VISA_DR_COLUMNS
 from .records import AnswerLog, R, check_settings
 from .report import CHART_FILE, bar_chart, fmt, markdown_table, write_report
 from .runner import run_pending
@@ -207,10 +208,12 @@ def write_visa_dr_report(
     sections = ["# VisA-D&R", f"Model: `{label}`, greedy decoding."]
     detection = detection_metrics(detections)
     reasoning = reasoning_metrics(reasonings, judged)
+    classes = {answer.category for answer in (*detections, *reasonings)}
+    comparable = VISA_DR if classes <= BENCHMARK_CATEGORIES["visa"] else []  # the same VisA classes, else no rows
     series: dict[str, list[float | None]] = {}
     if detection:
         macro = detection["Macro"]
-        published = [[f"{p.model} (published)", *(fmt(p.values[m]) for m in DETECTION_METRICS), "-"] for p in VISA_DR]
+        published = [[f"{p.model} (published)", *(fmt(p.values[m]) for m in DETECTION_METRICS), "-"] for p in comparable]
         ours = [label, *(fmt(macro[m]) for m in DETECTION_METRICS), fmt(macro["AUROC"])]
         sections += [
             "## Detection (macro over classes)",
@@ -227,7 +230,7 @@ def write_visa_dr_report(
             ),
         ]
         series["ours"] = [macro[m] for m in DETECTION_METRICS]
-        series |= {p.model: [p.values[m] for m in DETECTION_METRICS] for p in VISA_DR}
+        series |= {p.model: [p.values[m] for m in DETECTION_METRICS] for p in comparable}
     if reasonings:
         answers = sum(len(r.responses) for r in reasonings)
         sections += [
@@ -242,14 +245,17 @@ def write_visa_dr_report(
                     for name, row in reasoning.items()
                 ],
             ),
-            "Published (Anomaly-OV paper, Table 4; low-level (LL) and complex (CX) questions, GPT-4 as judge; ours "
-            "are over all questions with our judge prompt, so compare with care):",
-            markdown_table(
-                ["Model", *VISA_DR_COLUMNS[4:]],
-                [[p.model, *(fmt(p.values[c]) for c in VISA_DR_COLUMNS[4:])] for p in VISA_DR],
-            ),
             "ROUGE-L: F-measure (rouge-score, stemming); SBERT: cosine of all-MiniLM-L6-v2 embeddings (offline).",
         ]
+        if comparable:
+            sections += [
+                "Published (Anomaly-OV paper, Table 4; low-level (LL) and complex (CX) questions, GPT-4 as judge; "
+                "ours are over all questions with our judge prompt, so compare with care):",
+                markdown_table(
+                    ["Model", *VISA_DR_COLUMNS[4:]],
+                    [[p.model, *(fmt(p.values[c]) for c in VISA_DR_COLUMNS[4:])] for p in comparable],
+                ),
+            ]
         if judged:
             sections += ["Judge prompt:", "```\n" + JUDGE_PROMPT + "\n```"]
     elif reasonings:

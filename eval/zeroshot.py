@@ -20,20 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-from assistant.cli import UsageError
+from assistant.errors import UsageError
 from assistant.image_io import load_image
 from data.folder import LabelledImage
 
 from .ad_metrics import aupro, auroc, evaluation_size, f1_max, resample
-from .backends import batch_size
+from .backends import batch_size, check_backend
 from .datasets import Category, load_categories, load_mask, sample_id
-from .published import ZERO_SHOT_IMAGE_AUROC
+from .published import BENCHMARK_CATEGORIES, ZERO_SHOT_IMAGE_AUROC
 from .records import AnswerLog, Record, check_settings
 from .report import CHART_FILE, bar_chart, fmt, markdown_table, write_report
 from .runner import run_pending
-from .scorers import Scorer, build_scorer, scorer_names, scorer_spec
+from .scorers import Scorer, build_scorer, check_scorer_arguments, scorer_names, scorer_spec
 
 METRICS = ("I-AUROC", "I-F1max", "P-AUROC", "P-F1max", "AUPRO")
+IMAGE_METRICS = METRICS[:2]
 
 
 class ZeroShotAnswer(Record):
@@ -42,7 +43,7 @@ class ZeroShotAnswer(Record):
     image: str
     label: int
     score: float
-    pixels: str  # .npz with the resampled map and mask, relative to the output folder
+    pixels: str  # .npz with the resampled map and mask, relative to the output folder ("" with --image-only)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _references(category: Category, shots: int, seed: int) -> tuple[Path, ...]:
 
 
 def _score_batch(
-    name: str, scorer: Callable[[], Scorer], output: Path, pixel_size: int
+    name: str, scorer: Callable[[], Scorer], output: Path, pixel_size: int, image_only: bool
 ) -> Callable[[list[ScoreItem]], list[ZeroShotAnswer]]:
     def process(batch: list[ScoreItem]) -> list[ZeroShotAnswer]:
         records = []
@@ -76,7 +77,7 @@ def _score_batch(
             image = load_image(item.sample.image)
             references = [load_image(path) for path in item.references]
             if hasattr(scorer(), "object_name"):  # prompt-based scorers (WinCLIP) name the object in their prompts
-                scorer().object_name = item.sample.category.replace("_", " ")
+                scorer().object_name = item.sample.category
             score, anomaly_map = scorer().score(image, references)
             anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
             if anomaly_map.shape != (image.height, image.width) or not np.isfinite(anomaly_map).all():
@@ -84,11 +85,12 @@ def _score_batch(
                     f"scorer {name} returned a {anomaly_map.shape} map for {item.sample.image} "
                     f"({image.height}x{image.width}); it must be finite and HxW at the image's resolution"
                 )
-            mask = load_mask(item.sample, (image.height, image.width))
-            pixels_map, pixels_mask = resample(anomaly_map, mask, evaluation_size(*mask.shape, pixel_size))
-            relative = Path("pixels") / name / f"{sample_id(item.sample)}.npz"
-            (output / relative).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(output / relative, map=pixels_map, mask=pixels_mask)
+            relative = Path() if image_only else Path("pixels") / name / f"{sample_id(item.sample)}.npz"
+            if not image_only:
+                mask = load_mask(item.sample, (image.height, image.width))
+                pixels_map, pixels_mask = resample(anomaly_map, mask, evaluation_size(*mask.shape, pixel_size))
+                (output / relative).parent.mkdir(parents=True, exist_ok=True)
+                np.savez(output / relative, map=pixels_map, mask=pixels_mask)
             records.append(
                 ZeroShotAnswer(
                     id=item.id,
@@ -97,7 +99,7 @@ def _score_batch(
                     image=str(item.sample.image),
                     label=int(item.sample.anomalous),
                     score=float(score),
-                    pixels=str(relative),
+                    pixels="" if image_only else str(relative),
                 )
             )
         return records
@@ -111,12 +113,13 @@ def category_metrics(records: list[ZeroShotAnswer], output: Path) -> dict[str, f
         return dict.fromkeys(METRICS)
     labels = np.array([r.label for r in records])
     scores = np.array([r.score for r in records])
+    image_level = {"I-AUROC": auroc(labels, scores), "I-F1max": f1_max(labels, scores)}
+    if any(not r.pixels for r in records):  # --image-only: no masks were read
+        return image_level | dict.fromkeys(METRICS[2:])
     pixels = [np.load(output / r.pixels) for r in records]
     maps, masks = [p["map"] for p in pixels], [p["mask"] for p in pixels]
     flat_maps, flat_masks = np.concatenate([m.ravel() for m in maps]), np.concatenate([m.ravel() for m in masks])
-    return {
-        "I-AUROC": auroc(labels, scores),
-        "I-F1max": f1_max(labels, scores),
+    return image_level | {
         "P-AUROC": auroc(flat_masks, flat_maps),
         "P-F1max": f1_max(flat_masks, flat_maps),
         "AUPRO": aupro(masks, maps),
@@ -136,12 +139,12 @@ def _macro(per_category: dict[str, dict[str, float | None]]) -> dict[str, float 
     return means
 
 
-def _undefined(results: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
+def _undefined(results: dict[str, dict[str, dict[str, float | None]]], metrics: tuple[str, ...]) -> list[str]:
     """'category: metrics (scorers)' for every metric left out of a mean, grouped so the note stays short."""
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for scorer, per_category in results.items():
         for category, row in per_category.items():
-            missing = tuple(m for m in METRICS if row[m] is None)
+            missing = tuple(m for m in metrics if row[m] is None)
             if missing:
                 groups.setdefault((category, missing), []).append(scorer)
     return [
@@ -150,8 +153,11 @@ def _undefined(results: dict[str, dict[str, dict[str, float | None]]]) -> list[s
 
 
 def run(args: argparse.Namespace) -> Path:
-    layout, categories = load_categories(args.data, args.categories.split(",") if args.categories else None)
+    check_backend(args)
     names = scorer_names(args.scorers)
+    check_scorer_arguments(names, args)
+    categories_wanted = args.categories.split(",") if args.categories else None
+    layout, categories = load_categories(args.data, categories_wanted, require_masks=not args.image_only)
     data = str(Path(args.data).resolve())
     output = Path(args.output or f"eval-results/zeroshot-{Path(data).name}")
     settings = {
@@ -160,6 +166,7 @@ def run(args: argparse.Namespace) -> Path:
         "pixel_size": args.pixel_size,
         "shots": args.shots,
         "seed": args.seed,
+        "image_only": args.image_only,
     }
     check_settings(output, settings | {f"scorer.{name}": scorer_spec(name, args) for name in names})
     log = AnswerLog(output / "answers.jsonl", ZeroShotAnswer)
@@ -172,7 +179,7 @@ def run(args: argparse.Namespace) -> Path:
         run_pending(
             items,
             log.load(),
-            _score_batch(name, scorer, output, args.pixel_size),
+            _score_batch(name, scorer, output, args.pixel_size, args.image_only),
             log,
             batch_size(args),
             f"zero-shot {name}",
@@ -185,25 +192,32 @@ def run(args: argparse.Namespace) -> Path:
     return write_zeroshot_report(output, layout, results, settings)
 
 
+def results_categories(results: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
+    return [category for per_category in results.values() for category in per_category]
+
+
 def write_zeroshot_report(
     output: Path, layout: str, results: dict[str, dict[str, dict[str, float | None]]], settings: dict
 ) -> Path:
+    metrics = IMAGE_METRICS if settings.get("image_only") else METRICS
     macros = {name: _macro(per_category) for name, per_category in results.items()}
-    rows = [[name, *(fmt(_percent(macro[m]), 1) for m in METRICS)] for name, macro in macros.items()]
+    rows = [[name, *(fmt(_percent(macro[m]), 1) for m in metrics)] for name, macro in macros.items()]
     sections = [
         "# Zero-shot anomaly detection",
         f"Data: `{settings['data']}` ({layout} layout), {settings['shots']} reference image(s) per category. "
         "Metrics in %, per category then the mean over categories.",
-        markdown_table(["Scorer", *METRICS], rows),
-        f"Pixel metrics at the mask resolution shrunk to {settings['pixel_size'] or 'full'} px on the long side (maps "
+        markdown_table(["Scorer", *metrics], rows),
+        "Image-level metrics only (--image-only: the test set has no pixel masks)."
+        if settings.get("image_only")
+        else f"Pixel metrics at the mask resolution shrunk to {settings['pixel_size'] or 'full'} px on the long side (maps "
         "bilinear, masks nearest), exact (every score is a threshold). AUPRO integrates the per-region overlap up to "
         "FPR 0.3 and divides by 0.3. F1-max picks its threshold on the test data (optimistic).",
     ]
-    undefined = _undefined(results)
+    undefined = _undefined(results, metrics)
     if undefined:
         sections.append("Undefined (one class only), left out of the means: " + "; ".join(undefined) + ".")
     published = [p for p in ZERO_SHOT_IMAGE_AUROC if layout in p.values]
-    if settings["shots"] == 0:
+    if settings["shots"] == 0 and set(results_categories(results)) <= BENCHMARK_CATEGORIES[layout]:
         sections += [
             f"Published zero-shot image AUROC on the full {layout} test set ({ZERO_SHOT_IMAGE_AUROC[0].source}):",
             markdown_table(["Model", "I-AUROC"], [[p.model, fmt(p.values[layout], 1)] for p in published]),
@@ -212,10 +226,10 @@ def write_zeroshot_report(
         sections += [
             f"## {name} per category",
             markdown_table(
-                ["Category", *METRICS],
-                [[c, *(fmt(_percent(row[m]), 1) for m in METRICS)] for c, row in per_category.items()],
+                ["Category", *metrics],
+                [[c, *(fmt(_percent(row[m]), 1) for m in metrics)] for c, row in per_category.items()],
             ),
         ]
-    series = {name: [_percent(macro[m]) for m in METRICS] for name, macro in macros.items()}
-    bar_chart(output / CHART_FILE, METRICS, series, f"Zero-shot metrics ({layout}, mean over categories)", "%")
+    series = {name: [_percent(macro[m]) for m in metrics] for name, macro in macros.items()}
+    bar_chart(output / CHART_FILE, metrics, series, f"Zero-shot metrics ({layout}, mean over categories)", "%")
     return write_report(output, sections)

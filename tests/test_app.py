@@ -7,53 +7,27 @@ so the verdict, heatmap and boxes are all present and the answers are determinis
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
-from assistant.cli import MODEL_ENV, UsageError
-from assistant.engine import INSPECTION_QUESTION, Analysis, Conversation, LocalEngine
+from assistant.cli import MODEL_ENV
+from assistant.engine import Analysis, Conversation, LocalEngine
+from assistant.prompts import INSPECTION_QUESTION
+from assistant.errors import UsageError
+from assistant.serve.process import free_port
 from assistant.ui import build_demo, launch, load_backend
 from assistant.ui.backend import NO_WEIGHTS_NOTICE
 from assistant.ui.views import make_preview, verdict_label
 from assistant.verdict import Box
-from tests.conftest import defect_image
-from tests.test_client import stub_server  # noqa: F401  (an OpenAI-compatible server with /inspect)
-
-MAX_NEW_TOKENS = 12
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_path):
-    engine = LocalEngine.from_pretrained(tiny_path, device="cpu")
-    torch.nn.init.constant_(engine.model.anomaly_expert.selector.score_head[2].bias, 30.0)
-    return engine
-
-
-@pytest.fixture(scope="module")
-def app_url(engine):
-    """The app served on 127.0.0.1 (a free port) for this module's tests."""
-    demo = build_demo(engine, backend="test engine", max_new_tokens=MAX_NEW_TOKENS)
-    url = launch(demo, port=free_port(), block=False)
-    yield url
-    demo.close()
+from tests.helpers import ROOT, defect_image, expected_answer
 
 
 @pytest.fixture(autouse=True)
@@ -97,11 +71,7 @@ def text_of(message: dict) -> str:
     return "".join(part["text"] for part in message["content"] if part["type"] == "text")
 
 
-def expected_answer(engine: LocalEngine, conversation: Conversation) -> str:
-    return engine.complete([conversation], MAX_NEW_TOKENS)[0].strip()
-
-
-def test_first_question_streams_the_answer_beside_verdict_heatmap_and_boxes(client, engine, part):
+def test_first_question_streams_the_answer_beside_verdict_heatmap_and_boxes(client, app_engine, part):
     job = client.submit("Is there a defect?", handle_file(part), None, 0.5, api_name="/chat")
     chunks = list(job)
     history, question_box, label, heatmap, rois = job.result()
@@ -109,9 +79,9 @@ def test_first_question_streams_the_answer_beside_verdict_heatmap_and_boxes(clie
     assert len(chunks) >= 3  # the panel first, then the answer as it grows, then everything again
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert [p["type"] for p in history[0]["content"]] == ["file", "text"]  # the photo opens the chat
-    assert text_of(history[1]) == expected_answer(engine, Conversation.start(part, "Is there a defect?"))
+    assert text_of(history[1]) == expected_answer(app_engine, Conversation.start(part, "Is there a defect?"))
     assert question_box["value"] == "" and question_box["interactive"] is False  # unlocked by the next event
-    analysis = engine.analyze(part)
+    analysis = app_engine.analyze(part)
     assert label["label"] == "Anomalous"
     assert {c["label"]: c["confidence"] for c in label["confidences"]} == pytest.approx(
         {"Anomalous": analysis.score, "Normal": 1 - analysis.score}
@@ -121,11 +91,11 @@ def test_first_question_streams_the_answer_beside_verdict_heatmap_and_boxes(clie
     assert rois["annotations"][0]["label"].startswith("region 1 · peak")
 
 
-def test_follow_up_keeps_the_conversation_and_the_encoded_image(client, engine, part, monkeypatch):
+def test_follow_up_keeps_the_conversation_and_the_encoded_image(client, app_engine, part, monkeypatch):
     first = text_of(ask(client, "Is there a defect?", part)[0][1])
     calls = []
-    encode = engine.model.encode_images
-    monkeypatch.setattr(engine.model, "encode_images", lambda **inputs: calls.append(1) or encode(**inputs))
+    encode = app_engine.model.encode_images
+    monkeypatch.setattr(app_engine.model, "encode_images", lambda **inputs: calls.append(1) or encode(**inputs))
 
     history, _, label, _, _ = ask(client, "Where is it?", part)
 
@@ -133,7 +103,7 @@ def test_follow_up_keeps_the_conversation_and_the_encoded_image(client, engine, 
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert [text_of(m) for m in history[:3]] == ["Is there a defect?", first, "Where is it?"]
     both_turns = Conversation.start(part, "Is there a defect?").answer(first).ask("Where is it?")
-    assert text_of(history[3]) == expected_answer(engine, both_turns)
+    assert text_of(history[3]) == expected_answer(app_engine, both_turns)
     assert label["label"] == "Anomalous"
 
 
@@ -151,13 +121,13 @@ def test_empty_question_asks_for_a_full_inspection(client, part):
     assert text_of(history[0]) == INSPECTION_QUESTION
 
 
-def test_opacity_reblends_the_heatmap_over_the_photo(client, engine, part):
+def test_opacity_reblends_the_heatmap_over_the_photo(client, app_engine, part):
     ask(client, "Is there a defect?", part)
     photo = np.asarray(Image.open(part).convert("RGB"), dtype=np.int16)
     photo_only = np.asarray(Image.open(client.predict(0.0, api_name="/reblend")["path"]).convert("RGB"), dtype=np.int16)
     heat_only = np.asarray(Image.open(client.predict(1.0, api_name="/reblend")["path"]).convert("RGB"), dtype=np.int16)
     outlines = Image.new("L", (photo.shape[1], photo.shape[0]))
-    for box in engine.analyze(part).boxes:  # box outlines are drawn at every opacity
+    for box in app_engine.analyze(part).boxes:  # box outlines are drawn at every opacity
         ImageDraw.Draw(outlines).rectangle((box.x0 - 3, box.y0 - 3, box.x1 + 2, box.y1 + 2), outline=255, width=7)
     elsewhere = np.asarray(outlines) == 0
     assert elsewhere.mean() > 0.5
@@ -219,7 +189,7 @@ def test_a_model_the_user_named_must_exist(tmp_path):
         load_backend(endpoint="http://127.0.0.1:9/v1")
 
 
-def test_endpoint_backend_chats_and_shows_the_servers_verdict(stub_server, part):  # noqa: F811
+def test_endpoint_backend_chats_and_shows_the_servers_verdict(stub_server, part):
     url, _ = stub_server
     backend = load_backend(endpoint=url, served_model="stub")
     demo = build_demo(backend.engine, backend=backend.description)

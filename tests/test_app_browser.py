@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from assistant.engine import Conversation
-from tests.conftest import defect_image
-from tests.test_app import ROOT, app_url, engine, expected_answer  # noqa: F401  (fixtures: app around a tiny model)
+from tests.helpers import ROOT, defect_image, expected_answer
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
@@ -47,7 +46,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, app_url):  # noqa: F811
+def page(browser, app_url):
     context = browser.new_context(viewport={"width": 1400, "height": 1100})
     page = context.new_page()
     off_machine: list[str] = []
@@ -80,7 +79,7 @@ def words(text: str) -> list[str]:
     return text.split()
 
 
-def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, engine, tmp_path):  # noqa: F811
+def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, app_engine, tmp_path):
     expect = playwright.expect
     part, junk = tmp_path / "part.png", tmp_path / "junk.png"
     defect_image().save(part)
@@ -94,7 +93,7 @@ def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, engine,
     expect(page.locator("#image img")).to_be_visible()
     first = ask(page, "Is there a defect?")
     conversation = Conversation.start(part, "Is there a defect?")
-    assert words(first) == words(expected_answer(engine, conversation))
+    assert words(first) == words(expected_answer(app_engine, conversation))
     expect(page.locator("#chatbot [data-testid=user] img")).to_have_count(1)  # the photo opens the chat
     expect(page.locator("#verdict [data-testid=label-output-value]")).to_have_text("Anomalous")
     expect(page.locator("#verdict [data-testid=Anomalous-confidence-set]")).to_contain_text("%")
@@ -104,8 +103,8 @@ def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, engine,
 
     second = ask(page, "Where is it?")
     expect(page.locator("#chatbot [data-testid=user]")).to_have_count(3)  # photo, question, question
-    conversation.answer(expected_answer(engine, conversation)).ask("Where is it?")
-    assert words(second) == words(expected_answer(engine, conversation))
+    conversation.answer(expected_answer(app_engine, conversation)).ask("Where is it?")
+    assert words(second) == words(expected_answer(app_engine, conversation))
     expect(page.locator("#verdict [data-testid=label-output-value]")).to_have_text("Anomalous")
 
     SCREENSHOT.parent.mkdir(exist_ok=True)

@@ -19,7 +19,8 @@ from assistant.clip.loading import ClipSpec, parse_spec
 from assistant.clip.prompts import TEMPLATES, class_prompts
 from assistant.clip.windows import harmonic_aggregate, window_indices
 from assistant.clip_expert import ClipAnomalyExpert
-from assistant.engine import INSPECTION_QUESTION, Conversation, LocalEngine
+from assistant.engine import Conversation, LocalEngine
+from assistant.prompts import INSPECTION_QUESTION
 from assistant.verdict import Verdict
 
 # 64 px input, 8 px patches -> an 8x8 patch grid; one layer per tower; vocabulary of the bundled tokenizer.

@@ -56,6 +56,14 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
     path.write_text('[{"id": "a", "conversations": [}\n]')
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON \(line 1"):
         load_instruct_json(path)
+    lines = tmp_path / "broken.jsonl"
+    lines.write_text(json.dumps(record(0)) + "\n\n" + '{"id": "b", "conversations": [}\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl: not valid JSON \(line 3, column 31"):
+        load_instruct_json(lines)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"id": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.json: not UTF-8 text"):
+        load_instruct_json(latin)
 
 
 def test_malformed_records_are_named_by_index_and_id(tmp_path):

@@ -1,6 +1,8 @@
 """The in-process engine (streaming, multi-turn, batching, choice probabilities) and the CLI."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -8,8 +10,9 @@ import torch
 
 from assistant.cli import main
 from assistant.engine import Conversation, LocalEngine, inspect
+from assistant.prompts import DEFECT_QUESTION, INSPECTION_QUESTION
 from assistant.verdict import Verdict
-from tests.conftest import defect_image
+from tests.helpers import defect_image
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,18 @@ def test_streamed_answer_equals_the_batch_answer(engine):
     conversation = Conversation.start(defect_image(), "Are there any defects?")
     streamed = "".join(engine.stream(conversation, max_new_tokens=12))
     assert streamed == engine.complete([conversation], max_new_tokens=12)[0]
+
+
+def test_a_stream_closed_early_stops_its_generation(engine):
+    before = threading.active_count()
+    chunks = engine.stream(Conversation.start(defect_image(), "Describe the part."), max_new_tokens=400)
+    next(chunks)
+    started = time.monotonic()
+    chunks.close()  # the reader went away, e.g. a closed browser tab
+    assert threading.active_count() == before  # the generating thread has ended, not left running
+    assert time.monotonic() - started < 5
+    assert engine._lock.acquire(blocking=False)  # the model is free for the next caller
+    engine._lock.release()
 
 
 def test_batched_answers_equal_single_answers(engine):
@@ -63,13 +78,23 @@ def test_verdict_has_image_resolution_heatmap_and_consistent_fields(engine):
     assert verdict.anomalous or verdict.boxes == []
 
 
-def test_anomalous_verdict_names_boxes_and_defect(tiny_path):
+def test_anomalous_verdict_names_boxes_and_defect(tiny_path, monkeypatch):
     engine = LocalEngine.from_pretrained(tiny_path, device="cpu")
     torch.nn.init.constant_(engine.model.anomaly_expert.selector.score_head[2].bias, 30.0)
+    turns = []  # (last question, answer) of every completion
+    complete = engine.complete
+
+    def recorded(conversations, max_new_tokens=256):
+        answers = complete(conversations, max_new_tokens)
+        turns.append((conversations[0].messages[-1]["content"], answers[0]))
+        return answers
+
+    monkeypatch.setattr(engine, "complete", recorded)
     verdict = inspect(engine, defect_image(), max_new_tokens=4)
     assert verdict.anomalous and verdict.score > 0.99
     assert verdict.boxes and all(b.x1 <= 160 and b.y1 <= 120 for b in verdict.boxes)
-    assert verdict.defect is None or isinstance(verdict.defect, str)
+    assert [question for question, _ in turns] == [INSPECTION_QUESTION, DEFECT_QUESTION]
+    assert verdict.reasoning == turns[0][1].strip() and verdict.defect == (turns[1][1].strip() or None)
 
 
 def test_cli_inspect_prints_a_valid_verdict_json(tiny_path, image_file, capsys, tmp_path):

@@ -1,5 +1,4 @@
 """MMAD: official schema fixtures, seeded shuffling, official/strict parsing and scoring by hand, CLI with resume."""
-# ruff: noqa: F811  (the stub-server fixtures are imported, then requested by name)
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from eval.mmad import ANSWERS_FILE, MMADAnswer
 from eval.mmad_data import load_mmad, official_view, prompt, question_items
 from eval.mmad_scoring import Graded, official_filter, official_letter, strict_letter, summarize
 from eval.records import AnswerLog
-from tests.conftest import defect_image
-from tests.test_client import endpoint, stub_server  # noqa: F401  (fixtures)
+from tests.helpers import defect_image
 
 TEMPLATE = "MVTec-AD/bottle/train/good/000.png"
 IMAGES = [  # (path in mmad.json, anomalous)

@@ -1,5 +1,4 @@
 """VisA-D&R: detection metrics by hand, multi-turn reasoning with history, LLM judge, resume."""
-# ruff: noqa: F811  (the stub-server fixtures are imported, then requested by name)
 
 from __future__ import annotations
 
@@ -12,8 +11,7 @@ from assistant.cli import main
 from assistant.engine import LocalEngine
 from eval.records import AnswerLog
 from eval.visa_dr_scoring import DetectionAnswer, JudgeAnswer, ReasoningAnswer, detection_metrics
-from tests.conftest import defect_image
-from tests.test_client import endpoint, stub_server  # noqa: F401  (fixtures)
+from tests.helpers import defect_image
 
 DETECTION = [  # official test_data.json items: image (relative to the data root), anomaly
     {"image": "VisA/candle/Data/Images/Anomaly/000.JPG", "anomaly": True},

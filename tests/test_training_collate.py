@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from assistant.layout import expand_image_ids
-from tests.conftest import defect_image
+from tests.helpers import defect_image
 from training.collate import IGNORE_INDEX, ExpertCollator, InstructCollator
 
 

@@ -11,11 +11,12 @@ from assistant.cli import main
 from assistant.factory import tiny_assistant
 from data.errors import DataError
 from data.synth_dataset import SynthSpec, write_synthetic_dataset
-from tests.conftest import defect_image
+from tests.helpers import defect_image
 from training.checkpoint import checkpoint_dir, latest_checkpoint
 from training.collate import ExpertCollator
 from training.config import load_config
 from training.expert import ExpertObjective, train_expert
+from training.loop import truncate_metrics
 from training.losses import class_weights
 
 TINY_CONFIG = Path(__file__).parents[1] / "training" / "configs" / "tiny_expert.yaml"
@@ -50,6 +51,7 @@ def test_objective_matches_the_models_own_image_path(tiny_no_roi):
         logits, heatmaps = ExpertObjective(model, train_vision=False)(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
         reference = model.encode_images(**processor.preprocess_images([[image] for image in images])).analysis
     torch.testing.assert_close(logits, reference.logits)
+    assert len(heatmaps) == len(reference.heatmaps) == len(images)
     for ours, theirs in zip(heatmaps, reference.heatmaps):
         torch.testing.assert_close(ours, theirs)
 
@@ -87,6 +89,13 @@ def test_resume_gives_the_same_losses_and_weights(dataset_root, tmp_path):
     final_b = load_file(str(checkpoint_dir(tmp_path / "b", 6) / "model.safetensors"))
     assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     assert latest_checkpoint(tmp_path / "b") == checkpoint_dir(tmp_path / "b", 6)
+
+
+def test_resume_drops_later_and_cut_off_metric_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')  # killed while writing step 4
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_one_class_data_is_a_clear_error():

@@ -11,7 +11,7 @@ from assistant import AssistantForConditionalGeneration
 from assistant.cli import main
 from assistant.factory import tiny_assistant
 from data.errors import DataError
-from tests.conftest import defect_image
+from tests.helpers import defect_image
 from training.checkpoint import checkpoint_dir
 from training.collate import InstructCollator
 from training.config import LoraSettings, load_config
@@ -169,4 +169,4 @@ def test_cli_runs_end_to_end_and_the_merged_model_loads(conversations, tmp_path,
     assert main(["train", "merge", str(tmp_path / "adapter"), "--output", str(tmp_path / "again")]) == 0
     first = load_file(str(tmp_path / "merged" / "model.safetensors"))
     again = load_file(str(tmp_path / "again" / "model.safetensors"))
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert first and first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)

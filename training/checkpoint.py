@@ -17,6 +17,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
+from .config import ConfigError
+
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS_FILE = "model.safetensors"  # the name accelerate's save_state gives model 0's weights
@@ -56,7 +58,7 @@ def register_trainable_checkpointing(accelerator: Accelerator) -> None:
             expected = set(trainable_state(unwrapped))
             if set(state) != expected:
                 missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-                raise ValueError(
+                raise ConfigError(
                     f"{path} does not match this run's trainable parameters "
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it made with another config?"
                 )

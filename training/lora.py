@@ -21,7 +21,7 @@ from assistant.factory import save_assistant
 from assistant.modeling import AssistantForConditionalGeneration
 from assistant.processing import AssistantProcessor
 
-from .config import InstructObjectiveConfig, LoraSettings, ModelSource
+from .config import ConfigError, InstructObjectiveConfig, LoraSettings, ModelSource
 from .models import load_assistant
 
 TRAINED_MODULES_FILE = "trained_modules.safetensors"
@@ -87,7 +87,7 @@ def load_adapter(base: AssistantForConditionalGeneration, folder: Path) -> PeftM
     trained = load_file(str(Path(folder) / TRAINED_MODULES_FILE))
     unexpected = base.load_state_dict(trained, strict=False).unexpected_keys
     if unexpected:
-        raise ValueError(f"{folder}: trained modules do not fit this base model (e.g. {unexpected[:3]})")
+        raise ConfigError(f"{folder}: trained modules do not fit this base model (e.g. {unexpected[:3]})")
     return PeftModel.from_pretrained(base, str(folder))
 
 

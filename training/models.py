@@ -7,6 +7,8 @@ little memory).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -60,6 +62,8 @@ def load_assistant(
         require_cuda_for_qlora()
         if source.tiny:
             raise ConfigError("QLoRA loads a checkpoint folder: save the tiny model first and give model.path")
+    if not source.tiny and not (Path(source.path) / "config.json").is_file():
+        raise ConfigError(f"model.path: {source.path} is not a model folder (no config.json)")
     if source.tiny:
         model, processor = tiny_assistant(seed=source.seed)
         model = model.to(dtype) if dtype is not None else model

@@ -15,7 +15,7 @@ import numpy as np
 from ..clip_expert import ClipAnomalyExpert
 from ..config import RoiConfig
 from ..engine import Analysis, Conversation, Engine
-from ..image_io import ImageInput, load_image
+from ..image_io import ImageInput, load_image, load_references
 from ..roi import detect_boxes
 from ..verdict import Box
 
@@ -39,7 +39,7 @@ class ClipEngine:
 
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
         image = load_image(image, "image")
-        references = [load_image(r, f"reference {i + 1}") for i, r in enumerate(references)]
+        references = load_references(references)
         score, heatmap = self.expert.score(image, references)
         anomalous = score >= self.threshold
         boxes = self.boxes(heatmap) if anomalous else []

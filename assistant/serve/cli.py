@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from ..errors import UsageError
 from .plugin import INSPECT_PLUGIN_NAME, PLUGIN_NAME
 
 PYTHON_ENV = "ASSISTANT_SERVE_PYTHON"
@@ -36,8 +37,6 @@ print(json.dumps(found))
 
 def probe(python: str) -> tuple[str, bool]:
     """(vLLM distribution and version, whether it is the CPU build) of `python`; a UsageError says what is missing."""
-    from ..cli import UsageError
-
     try:
         result = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as error:
@@ -102,7 +101,14 @@ def usage_banner(args: argparse.Namespace, model: str, vllm: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..cli import resolve_model
 
+    from ..checkpoint import is_composed
+
     model = str(resolve_model(args.model).resolve())
+    if is_composed(model):
+        raise UsageError(
+            f"{model} keeps its base LLM in a package (the composed demo form), which vLLM cannot load: "
+            f"write a full checkpoint with `anomaly-assistant export DIR --model {model}` and serve DIR"
+        )
     python = args.python or os.environ.get(PYTHON_ENV) or sys.executable
     vllm, cpu = probe(python)
     print(usage_banner(args, model, vllm), flush=True)

@@ -23,7 +23,7 @@ from vllm.engine.protocol import EngineClient
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.exceptions import VLLMNotFoundError
 
-from ..engine import INSPECTION_QUESTION
+from ..prompts import INSPECTION_QUESTION
 from ..image_io import ImageError, load_image
 from ..verdict import Verdict
 from .analysis import analysis_engine

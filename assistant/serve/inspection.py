@@ -8,7 +8,6 @@ reasoning has exactly the tokens a chat client (`assistant.client.EndpointEngine
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Sequence
 from http import HTTPStatus
 
@@ -31,11 +30,9 @@ class ServerEngine:
         self.chat = chat
         self.model = model
         self.loop = loop
-        self._lock = threading.Lock()  # LocalEngine's image cache is not thread-safe
 
     def analyze(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> Analysis:
-        with self._lock:
-            return self.analyst.analyze(image, references)
+        return self.analyst.analyze(image, references)
 
     def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
         """Blocking: call it from a worker thread, never from the event loop it waits on."""

@@ -25,7 +25,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from ..config import AssistantConfig
-from ..processing import IMAGE_TOKEN, source_size
+from ..processing import source_size
+from ..prompts import IMAGE_TOKEN
 from ..vision import IMAGE_MODULES, ImageEncoder
 from .processor import AssistantDummyInputsBuilder, AssistantMultiModalProcessor, AssistantProcessingInfo
 

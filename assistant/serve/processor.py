@@ -29,7 +29,8 @@ from vllm.multimodal.processing import (
 from ..config import AssistantConfig
 from ..image_io import ImageError
 from ..layout import expand_image_ids, image_layout
-from ..processing import IMAGE_TOKEN, AssistantProcessor
+from ..processing import AssistantProcessor
+from ..prompts import IMAGE_TOKEN
 from .images import ItemImageProcessor, last_is_query
 
 REFERENCE_SUFFIX = ":reference"

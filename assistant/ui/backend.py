@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..cli import MODEL_ENV, UsageError, resolve_model
+from ..cli import MODEL_ENV, resolve_model
 from ..defaults import default_model_path
 from ..engine import Engine, LocalEngine
+from ..errors import UsageError
 from ..factory import tiny_assistant
 
 NO_WEIGHTS_NOTICE = (

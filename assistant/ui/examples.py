@@ -6,6 +6,7 @@ and a second, defect-free plate (different grain) serves as the normal reference
 
 from __future__ import annotations
 
+import getpass
 import os
 import tempfile
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-EXAMPLES_DIR = Path(tempfile.gettempdir()) / "anomaly-assistant-examples"
+EXAMPLES_DIR = Path(tempfile.gettempdir()) / f"anomaly-assistant-examples-{getpass.getuser()}"  # per user: no clashes
 SIZE = (320, 240)  # width, height: small enough to upload and analyse instantly
 
 

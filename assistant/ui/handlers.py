@@ -7,16 +7,20 @@ message instead of a decoder traceback from inside Gradio.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import gradio as gr
 from PIL import Image
 
-from ..engine import INSPECTION_QUESTION, Analysis, Conversation, Engine
+from ..engine import Analysis, Conversation, Engine
+from ..errors import AssistantError
 from ..image_io import ImageError, load_image
+from ..prompts import INSPECTION_QUESTION
 from .views import Preview, chat_history, make_preview, overlay, regions, verdict_label
 
+T = TypeVar("T")
 NO_IMAGE = "Upload an image to inspect first (the “Image to inspect” box)."
 
 
@@ -66,7 +70,7 @@ class ChatHandlers:
             conversation = Conversation.start(image, question, [reference] if reference else [])
         except ImageError as error:
             raise gr.Error(f"Cannot use this upload: {error}", print_exception=False) from error
-        analysis = self.engine.analyze(conversation.image, conversation.references)
+        analysis = _reported(lambda: self.engine.analyze(conversation.image, conversation.references))
         return Session(uploads, conversation, analysis, make_preview(conversation.image, analysis))
 
     def chat(
@@ -100,7 +104,7 @@ class ChatHandlers:
         conversation, skip, locked = turn.conversation, gr.skip(), gr.Textbox(value="", interactive=False)
         yield chat_history(conversation, uploads[0], pending=""), locked, *_panel(turn, opacity), skip
         answer = ""
-        for chunk in self.engine.stream(conversation, self.max_new_tokens):
+        for chunk in _reported_stream(self.engine.stream(conversation, self.max_new_tokens)):
             answer += chunk
             yield chat_history(conversation, uploads[0], pending=answer), skip, skip, skip, skip, skip
         conversation.answer(answer.strip())
@@ -121,3 +125,19 @@ class ChatHandlers:
                 except ImageError as error:
                     gr.Warning(f"Cannot use this upload: {error}")
         return clear_chat()
+
+
+def _reported(work: Callable[[], T]) -> T:
+    """Run engine work, showing user-facing errors (an endpoint that is down, say) as a message, not a traceback."""
+    try:
+        return work()
+    except AssistantError as error:
+        raise gr.Error(str(error), print_exception=False) from error
+
+
+def _reported_stream(chunks: Iterator[str]) -> Iterator[str]:
+    """`_reported` for a streamed answer, keeping it streamed."""
+    try:
+        yield from chunks
+    except AssistantError as error:
+        raise gr.Error(str(error), print_exception=False) from error

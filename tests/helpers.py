@@ -1,0 +1,142 @@
+"""Plain helpers several test modules share: images drawn in code and a stub OpenAI-compatible server.
+
+Fixtures live in conftest.py; this module holds what tests call or construct directly, so that no test
+module imports another.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import Body, FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+
+from assistant.engine import Conversation, LocalEngine
+from assistant.verdict import Verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_MAX_NEW_TOKENS = 12  # answer length of the app the app tests serve
+
+# First-token alternatives the stub reports: P(Yes) = 0.6 / 0.9, P(B) = 0.05 / 0.07 after renormalising.
+TOP_LOGPROBS = {" Yes": 0.5, "Yes": 0.1, "No": 0.3, " B": 0.05, "A": 0.02}
+
+
+def defect_image(height: int = 120, width: int = 160, seed: int = 0, defect: bool = True) -> Image.Image:
+    """A textured grey part with an optional bright scratch, drawn deterministically."""
+    rng = np.random.default_rng(seed)
+    pixels = 110 + 20 * rng.standard_normal((height, width, 3))
+    if defect:
+        y, x = height // 3, width // 2
+        pixels[y : y + max(2, height // 20), x - width // 6 : x + width // 6] = 245
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def expected_answer(engine: LocalEngine, conversation: Conversation) -> str:
+    """What the app should show for this conversation: the engine's own greedy answer."""
+    return engine.complete([conversation], APP_MAX_NEW_TOKENS)[0].strip()
+
+
+# -- a stub OpenAI-compatible server (chat completions + our /inspect) --------------------------------------
+
+
+def last_user_text(body: dict) -> str:
+    content = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+
+
+def decode_image(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L"), dtype=np.float32)
+
+
+def stub_answer(body: dict) -> str:
+    text = last_user_text(body)
+    if "reply with 'Yes' or 'No'" in text:
+        return "Yes, there is a defect."
+    if "Following is new question list" in text:
+        return "B"
+    if "[Reference answer]" in text:
+        return "7\nMostly consistent with the reference."
+    return "The part shows a bright scratch near the top."
+
+
+def stub_verdict(url: str) -> dict:
+    """Bright pixels are the 'defect': score grows with their share, the heatmap is the brightness."""
+    gray = decode_image(url)
+    score = float(min(1.0, 20 * (gray > 200).mean()))
+    return Verdict(anomalous=score >= 0.2, score=score, heatmap=gray / 255.0, reasoning="").model_dump(mode="json")
+
+
+class StubServer:
+    """Answers depend only on the request: model "chat-only" has no logprobs and no /inspect, "slow" never
+    answers in time, "flaky" fails once with 503. `requests` records every request body."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self.failed_once = False
+        self._lock = threading.Lock()
+        self.app = FastAPI()
+        self.app.post("/v1/chat/completions")(self.chat)
+        self.app.post("/v1/inspect")(self.inspect)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.max_in_flight = 0
+        self.failed_once = False
+
+    def _completion(self, body: dict, answer: str) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+        if body.get("logprobs") and body["model"] != "chat-only":
+            top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in TOP_LOGPROBS.items()]
+            choice["logprobs"] = {
+                "content": [{"token": " Yes", "logprob": math.log(0.5), "bytes": None, "top_logprobs": top}]
+            }
+        return {"id": "stub", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [choice]}
+
+    def _events(self, body: dict, answer: str):
+        for piece in re.findall(r"\S+\s*", answer):
+            delta = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+            chunk = {
+                "id": "stub",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": body["model"],
+                "choices": [delta],
+            }
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def chat(self, body: Annotated[dict, Body()]):  # sync handlers run in FastAPI's thread pool: requests overlap
+        with self._lock:
+            self.requests.append(body)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fail = body["model"] == "flaky" and not self.failed_once
+            self.failed_once = self.failed_once or fail
+        try:
+            time.sleep(2 if body["model"] == "slow" else 0.05)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        if fail:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        answer = stub_answer(body)
+        if body.get("stream"):
+            return StreamingResponse(self._events(body, answer), media_type="text/event-stream")
+        return self._completion(body, answer)
+
+    def inspect(self, body: Annotated[dict, Body()]):
+        self.requests.append(body)
+        if body["model"] == "chat-only":
+            return JSONResponse({"error": {"message": "Not Found"}}, status_code=404)
+        return stub_verdict(body["image_url"])

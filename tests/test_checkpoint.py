@@ -1,0 +1,68 @@
+"""Composed checkpoints (how the demo model ships): the base LLM from a package, the rest from the folder."""
+
+import json
+
+import pytest
+import torch
+
+from assistant.checkpoint import BASE_LLM_FILE, BaseLLM, CheckpointError, is_composed, load_model, save_composed
+from assistant.factory import tiny_assistant
+from tests.helpers import defect_image
+from training.config import LoraSettings
+from training.lora import apply_lora
+
+
+def inputs_for(processor):
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Defect?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return processor(text=text, images=[defect_image()])
+
+
+def test_composed_round_trip_gives_the_trained_model(tmp_path, monkeypatch):
+    model, processor = tiny_assistant(seed=3)
+    base_llm = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
+    trained = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a non-trivial adapter
+        trained.base_model.model.model.multi_modal_projector.linear_2.bias.add_(0.25)  # a trained projector
+    inputs = inputs_for(processor)
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+
+    base = BaseLLM("some_llm_package", "model.gguf")
+    folder = save_composed(trained, processor, base, tmp_path / "demo", dtype=torch.float32)
+    assert is_composed(folder) and json.loads((folder / BASE_LLM_FILE).read_text())["package"] == "some_llm_package"
+    assert not list(folder.glob("model*.safetensors")) and not (folder / "README.md").exists()
+    with pytest.raises(CheckpointError, match="some_llm_package"):
+        load_model(folder)  # the base package is not installed: a clear error
+
+    monkeypatch.setattr(BaseLLM, "state_dict", lambda self: base_llm)
+    loaded = load_model(folder)
+    with torch.no_grad():
+        logits = loaded(**inputs).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        untrained = tiny_assistant(seed=3)[0](**inputs).logits
+    assert not torch.allclose(logits, untrained, atol=1e-2)  # the adapter and the projector change were applied
+
+    half = load_model(save_composed(trained, processor, base, tmp_path / "half"))  # the shipped, float16 form
+    with torch.no_grad():
+        assert (half(**inputs).logits - expected).abs().max() < 0.1
+
+
+def test_incomplete_composed_folder_is_reported(tmp_path, tiny_path):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_path, folder)
+    (folder / BASE_LLM_FILE).write_text(json.dumps({"package": "x", "gguf_file": "y.gguf"}))
+    with pytest.raises(CheckpointError, match="incomplete composed checkpoint"):
+        load_model(folder)
+    with pytest.raises(CheckpointError, match="config.json missing"):
+        load_model(tmp_path / "nowhere")

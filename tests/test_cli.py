@@ -1,0 +1,102 @@
+"""The command line as a whole: `--help` loads no model code, and every kind of bad input ends with one line.
+
+Each family of user errors (images, data files, benchmark files, training configs, official checkpoints,
+endpoints, usage) derives from `assistant.errors.AssistantError`; `main` prints it as `error: ...` with
+exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from assistant.cli import main
+from assistant.serve.process import free_port
+from tests.helpers import ROOT, defect_image
+
+HEAVY_MODULES = ("torch", "transformers", "sklearn", "gradio", "open_clip", "vllm")
+
+
+def test_building_the_parser_imports_no_model_code():
+    probe = (
+        "import sys; from assistant.cli import build_parser; build_parser(); "
+        f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_bad_data_file_is_one_line_and_exit_code_2_from_the_console(tmp_path):
+    broken = tmp_path / "train.json"
+    broken.write_text('[{"id": 1, "conversations": [}')
+    result = subprocess.run(
+        [sys.executable, "-m", "assistant", "data", "check", str(broken)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: {broken}: not valid JSON (line 1, column 30: Expecting value)\n"
+
+
+def write_visa_detection(root) -> str:
+    """A one-item VisA-D&R detection file in the official layout (images under the JSON folder's parent)."""
+    (root / "VisA" / "candle").mkdir(parents=True)
+    defect_image(40, 56).save(root / "VisA" / "candle" / "000.png")
+    path = root / "VisA" / "test_data.json"
+    path.write_text(json.dumps([{"image": "VisA/candle/000.png", "anomaly": True}]))
+    return str(path)
+
+
+def bad_inputs(tmp_path, tiny_path) -> dict[str, tuple[list[str], str]]:
+    """family -> (argv, a fragment of the expected message)."""
+    not_image, part = tmp_path / "notes.png", tmp_path / "part.png"
+    not_image.write_text("text, not a picture")
+    defect_image().save(part)
+    broken_json = tmp_path / "broken.json"
+    broken_json.write_text('{"a.png": ')
+    config = tmp_path / "typo.yaml"
+    config.write_text("model: {tiny: true}\ndata: {folders: []}\nrun: {max_step: 3}\n")
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    model = ["--model", str(tiny_path)]
+    return {
+        "image": (["inspect", str(not_image), *model], "not a recognised image format"),
+        "usage": (["inspect", str(part), "--model", str(tmp_path / "nowhere")], "not a model folder"),
+        "data file": (["data", "check", str(broken_json)], "not valid JSON"),
+        "benchmark file": (["eval", "mmad", "--data", str(broken_json), *model], "MMAD file"),
+        "missing config": (["train", "expert", "--config", str(tmp_path / "missing.yaml")], "config file not found"),
+        "config key": (["train", "expert", "--config", str(config)], "run: unknown key(s) ['max_step']"),
+        "checkpoint": (["convert", "--llava", str(tmp_path), "--output", str(tmp_path / "out")], "no config.json"),
+        "endpoint down": (
+            ["eval", "visa-dr", "--detection", write_visa_detection(tmp_path), "--endpoint", closed]
+            + ["--served-model", "m", "--output", str(tmp_path / "eval")],
+            f"cannot reach {closed}",
+        ),
+        "endpoint flags": (
+            ["eval", "zeroshot", "--data", str(tmp_path), "--endpoint", closed],
+            "--endpoint needs --served-model",
+        ),
+    }
+
+
+FAMILIES = [
+    "image",
+    "usage",
+    "data file",
+    "benchmark file",
+    "missing config",
+    "config key",
+    "checkpoint",
+    "endpoint down",
+    "endpoint flags",
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_input_exits_2_with_one_line(family, tmp_path, tiny_path, capsys):
+    argv, fragment = bad_inputs(tmp_path, tiny_path)[family]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    message = err[err.find("error: ") :]  # a progress bar may come first
+    assert message.startswith("error: ") and message.count("\n") == 1 and message.endswith("\n"), err
+    assert fragment in message

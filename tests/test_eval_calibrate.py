@@ -1,0 +1,52 @@
+"""Platt calibration of the expert score: the fit, the calibration errors, and writing the config."""
+
+import json
+
+import numpy as np
+import pytest
+
+from assistant.cli import main
+from assistant.errors import UsageError
+from eval.calibrate import expected_calibration_error, fit_platt
+
+
+def test_expected_calibration_error_by_hand():
+    labels = np.array([0, 0, 1, 1])
+    probabilities = np.array([0.05, 0.05, 0.95, 0.55])
+    # bins: 0.0-0.1 holds two negatives at 0.05 -> |0 - 0.05|; 0.5-0.6 one positive at 0.55 -> |1 - 0.55|;
+    # 0.9-1.0 one positive at 0.95 -> |1 - 0.95|; weighted by 2/4, 1/4, 1/4.
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.5 * 0.05 + 0.25 * 0.45 + 0.25 * 0.05)
+
+
+def test_platt_fit_recovers_a_known_scaling():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, 4000)
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(int)
+    scale, shift = fit_platt(logits, labels)
+    assert scale == pytest.approx(0.5, abs=0.08) and shift == pytest.approx(-1.0, abs=0.15)
+    with pytest.raises(UsageError, match="both normal and anomalous"):
+        fit_platt(logits, np.zeros_like(labels))
+
+
+def test_calibrate_command_writes_the_scaling(tiny_path, tmp_path, capsys):
+    import shutil
+
+    from tests.helpers import defect_image
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_path, model)
+    for index in range(3):
+        path = tmp_path / "data" / "part" / "train" / "good" / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        defect_image(seed=index, defect=False).save(path)
+        broken = tmp_path / "data" / "part" / "train" / "scratch" / f"{index}.png"
+        broken.parent.mkdir(parents=True, exist_ok=True)
+        defect_image(seed=10 + index).save(broken)
+    args = ["eval", "calibrate", "--data", str(tmp_path / "data"), "--model", str(model), "--device", "cpu"]
+    assert main(args) == 0
+    assert json.loads((model / "config.json").read_text())["expert"]["score_scale"] == 1.0  # not written
+    assert main([*args, "--write"]) == 0
+    output = capsys.readouterr().out
+    assert "6 images (3 anomalous)" in output and "calibrated:" in output
+    expert = json.loads((model / "config.json").read_text())["expert"]
+    assert expert["score_scale"] != 1.0 or expert["score_shift"] != 0.0
