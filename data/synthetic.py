@@ -120,11 +120,27 @@ def stain(image: Image.Image, rng: np.random.Generator) -> Defect:
     return _result(blended, alpha > 0)
 
 
+def speckle(image: Image.Image, rng: np.random.Generator) -> Defect:
+    """A small elliptical patch of salt-and-pepper pixels (pilling, broken fibres, sensor noise)."""
+    pixels = _pixels(image)
+    height, width = pixels.shape[:2]
+    axes = (max(2, int(width * rng.uniform(0.015, 0.04))), max(2, int(height * rng.uniform(0.03, 0.07))))
+    centre = (int(rng.integers(axes[0], width - axes[0])), int(rng.integers(axes[1], height - axes[1])))
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, thickness=-1)
+    inside = mask > 0
+    density = rng.uniform(0.5, 0.9)  # share of the patch's pixels that turn into noise
+    noisy = inside & (rng.random((height, width)) < density)
+    values = np.where(rng.random((height, width)) < 0.5, rng.uniform(0, 60, (height, width)), rng.uniform(190, 255, (height, width)))
+    return _result(np.where(noisy[..., None], values[..., None], pixels), inside)
+
+
 DEFECT_GENERATORS: dict[str, Callable[[Image.Image, np.random.Generator], Defect]] = {
     "contamination": perlin_blend,
     "color_patch": cut_paste,
     "scratch": scratch,
     "stain": stain,
+    "speckle": speckle,
 }
 
 

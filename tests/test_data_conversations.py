@@ -1,15 +1,13 @@
 """Labelled folders -> Anomaly-Instruct-style conversations; the `data` CLI."""
 
-import argparse
 import json
 import random
 
 import numpy as np
 import pytest
 
-from assistant.cli import UsageError
-from assistant.engine import DETECTION_QUESTION
-from data.cli import register
+from assistant.cli import main
+from assistant.prompts import DETECTION_QUESTION
 from data.conversations import balance, conversation_records, defect_region
 from data.folder import LabelledImage
 from data.instruct import check_images, load_instruct_json
@@ -92,22 +90,21 @@ def test_balancing_is_seeded_and_needs_both_classes(tmp_path):
         conversation_records(images[:6], tmp_path)
 
 
-def run_data_cli(*argv):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["data", *argv])
-    args.handler(args)
+def run_data_cli(*argv: str) -> int:
+    return main(["data", *argv])
 
 
 def test_data_cli_writes_checks_and_reports_problems(tmp_path, capsys):
     root, conversations = tmp_path / "synth", tmp_path / "instruct.json"
-    run_data_cli("synth", str(root), "--categories", "pill", "--train-good", "2", "--test-good", "2", "--size", "32", "--instruct", str(conversations))
-    run_data_cli("instruct", str(root), "--output", str(tmp_path / "again.json"), "--unbalanced")
-    run_data_cli("check", str(conversations), "--image-root", str(root))
+    synth = ["--categories", "pill", "--train-good", "2", "--test-good", "2", "--size", "32"]
+    assert run_data_cli("synth", str(root), *synth, "--instruct", str(conversations)) == 0
+    assert run_data_cli("instruct", str(root), "--output", str(tmp_path / "again.json"), "--unbalanced") == 0
+    assert run_data_cli("check", str(conversations), "--image-root", str(root)) == 0
     output = capsys.readouterr().out
-    assert "12 images (8 with synthetic defects)" in output
-    assert "again.json: 10 conversations from 10 labelled images" in output
+    assert "14 images (10 with synthetic defects)" in output  # 2 + 2 good, 2 of each of 5 kinds
+    assert "again.json: 12 conversations from 12 labelled images" in output
     assert "8 records, 64 turns, 8 images, all found" in output  # 4 Yes + 4 No
     (root / "pill" / "train" / "good" / "000.png").unlink()
-    with pytest.raises(UsageError, match="1 missing image file"):
-        run_data_cli("check", str(conversations), "--image-root", str(root))
+    assert run_data_cli("check", str(conversations), "--image-root", str(root)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: 1 missing image file(s):\n  instruct.json[0] id=pill/train/good/000")

@@ -1,9 +1,10 @@
-"""`anomaly-assistant train expert|instruct|merge`.
+"""`anomaly-assistant train expert|instruct|merge|demo`.
 
     anomaly-assistant train expert --config training/configs/tiny_expert.yaml
     anomaly-assistant train instruct --config training/configs/tiny_instruct.yaml --set run.max_steps=50
     anomaly-assistant train instruct --config ... --resume              # from the latest checkpoint
     anomaly-assistant train merge runs/instruct/adapter --output runs/instruct/merged
+    anomaly-assistant train demo                                        # the bundled demo model, end to end
     accelerate launch --config_file training/accelerate/zero2.yaml -m assistant train instruct --config ...
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from assistant.cli import UsageError
+from assistant.errors import UsageError
 
 
 def _resume_path(argument: str | None, output_dir: str) -> Path | None:
@@ -34,20 +35,15 @@ def _resume_path(argument: str | None, output_dir: str) -> Path | None:
 def cmd_train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from data.errors import DataError
+    from .config import load_config
 
-    from .config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.stage, args.set)
-        resume = _resume_path(args.resume, config.run.output_dir)
-        if args.stage == "expert":
-            from .expert import train_expert as train
-        else:
-            from .instruct import train_instruct as train
-        summary = train(config, resume)
-    except (ConfigError, DataError) as error:
-        raise UsageError(str(error)) from error
+    config = load_config(args.config, args.stage, args.set)
+    resume = _resume_path(args.resume, config.run.output_dir)
+    if args.stage == "expert":
+        from .expert import train_expert as train
+    else:
+        from .instruct import train_instruct as train
+    summary = train(config, resume)
     if PartialState().is_main_process:
         print(f"\n{args.stage} training finished\n{summary.format()}")
 
@@ -62,6 +58,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
     except ConfigError as error:
         raise UsageError(f"{adapter}: not an adapter folder written by `train instruct` ({error})") from error
     print(export_merged(config.model, adapter, Path(args.output)))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    print(run_demo(args.output, args.destination, per_class=args.per_class, seed=args.seed))
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -80,3 +82,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("adapter", help="the adapter folder of a `train instruct` run (output_dir/adapter)")
     merge.add_argument("--output", required=True)
     merge.set_defaults(handler=cmd_merge)
+
+    demo = sub.add_parser("demo", help="build the offline demo model (textile images + SmolLM2), resumable")
+    demo.add_argument("--output", default="runs/demo", help="working folder: data split, checkpoints, logs")
+    demo.add_argument("--destination", default=None, help="where the packaged model goes (default: the bundled one)")
+    demo.add_argument("--per-class", type=int, default=75, help="conversations per defect class (twice as many normal)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=cmd_demo)

@@ -15,12 +15,13 @@ from typing import Literal
 
 import yaml
 
+from assistant.errors import AssistantError
 from data.synth_dataset import SynthSpec
 
 CONFIG_FILE = "train_config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(AssistantError, ValueError):
     """A configuration problem, with the offending key."""
 
 
@@ -95,6 +96,7 @@ class FolderSource:
 class ExpertData:
     folders: list[FolderSource] = field(default_factory=list)
     synthetic_anomalies: float = 0.0  # chance that a normal image gets a synthetic defect (with mask) on the fly
+    synthetic_kinds: list[str] = field(default_factory=list)  # defect generators to draw from (empty: all)
     max_image_side: int | None = 1024  # larger images are downscaled first, as Anomaly-OV's scripts do
     synthesize: SynthSpec | None = None  # write this synthetic dataset into folders[0].root if it is missing
 

@@ -52,9 +52,15 @@ class ExpertDataset(Dataset):
     """
 
     def __init__(
-        self, images: Sequence[LabelledImage], synthetic_anomalies: float = 0.0, max_side: int | None = None, seed: int = 0
+        self,
+        images: Sequence[LabelledImage],
+        synthetic_anomalies: float = 0.0,
+        max_side: int | None = None,
+        seed: int = 0,
+        synthetic_kinds: Sequence[str] = (),
     ):
         self.images, self.synthetic_anomalies, self.max_side, self.seed = list(images), synthetic_anomalies, max_side, seed
+        self.synthetic_kinds = sorted(synthetic_kinds)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -80,7 +86,8 @@ class ExpertDataset(Dataset):
             return image, 1, mask
         rng = np.random.default_rng((self.seed, self.epoch, index))
         if rng.random() < self.synthetic_anomalies:
-            defective, mask, _ = synthesize_defect(image, int(rng.integers(2**31)))
+            kind = str(rng.choice(self.synthetic_kinds)) if self.synthetic_kinds else None
+            defective, mask, _ = synthesize_defect(image, int(rng.integers(2**31)), kind)
             return defective, 1, mask
         return image, 0, np.zeros((image.height, image.width), np.uint8)
 

@@ -3,8 +3,7 @@
 As in Anomaly-OV: class-balanced BCE on the image score, AdamW, cosine with warm restarts. Beyond it: a
 focal + dice loss on the heatmap where masks are known (Anomaly-OV learns its map without masks; ours is
 shown to users, so it gets supervision when there is some). The language model is never run: the forward
-is the model's own vision path (`vision_features`) and expert, and the heatmaps are assembled as
-`encode_images` assembles them.
+is the model's own `analyze_queries`, the vision pass and expert that `encode_images` builds its tokens on.
 
     anomaly-assistant train expert --config training/configs/tiny_expert.yaml
 """
@@ -18,8 +17,6 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from assistant.factory import save_assistant
-from assistant.heatmap import assemble_heatmap
-from assistant.layout import image_layout
 from assistant.modeling import AssistantForConditionalGeneration
 from assistant.processing import AssistantProcessor
 from data.folder import load_folder
@@ -47,24 +44,14 @@ class ExpertObjective(nn.Module):
         self.vision_tower = model.model.vision_tower
         self.anomaly_expert = model.model.anomaly_expert
         self.train_vision = train_vision
-        self._vision_features = model.model.vision_features  # a bound method: not registered as a module
-        self._config = model.config
+        self._analyze = model.model.analyze_queries  # a bound method: the LLM is not registered as a module
 
     def forward(
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, source_sizes: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        layouts = [image_layout((h, w), self._config, is_query=True) for h, w in image_sizes.tolist()]
-        crops = [1 + rows * cols for rows, cols in (layout.grid for layout in layouts)]
-        with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()):
-            final, levels = self._vision_features(pixel_values, self._config.expert_config.feature_layers)
-        expert = self.anomaly_expert(final, levels, crops)
-        heatmaps = [
-            assemble_heatmap(maps, (h, w), layout.grid, (sh, sw))
-            for maps, layout, (h, w), (sh, sw) in zip(
-                torch.split(expert.maps, crops), layouts, image_sizes.tolist(), source_sizes.tolist()
-            )
-        ]
-        return expert.logits, heatmaps
+        every_image = torch.ones(len(image_sizes), dtype=torch.bool, device=image_sizes.device)
+        analysis = self._analyze(pixel_values, image_sizes, every_image, source_sizes, vision_grad=self.train_vision)
+        return analysis.expert.logits, analysis.heatmaps
 
 
 def select_trainable(model: AssistantForConditionalGeneration, train_vision: bool) -> None:
@@ -91,7 +78,7 @@ def expert_dataset(data: ExpertData, seed: int) -> ExpertDataset:
         for folder in data.folders
         for image in load_folder(folder.root, folder.layout, folder.split, folder.categories)
     ]
-    return ExpertDataset(images, data.synthetic_anomalies, data.max_image_side, seed)
+    return ExpertDataset(images, data.synthetic_anomalies, data.max_image_side, seed, data.synthetic_kinds)
 
 
 def make_loss(config: ExpertTrainConfig, weights: tuple[float, float]):

