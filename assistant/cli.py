@@ -33,7 +33,15 @@ def resolve_model(path: str | None) -> Path:
     return candidate
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, concurrency: int = 1):
+    """The in-process model, or (with --endpoint) the OpenAI-compatible server that serves one."""
+    if getattr(args, "endpoint", None):
+        from .client import EndpointEngine
+
+        check_backend(args)
+        return EndpointEngine(
+            args.endpoint, args.served_model, api_key=args.api_key, concurrency=concurrency, timeout=args.timeout
+        )
     from .engine import LocalEngine
 
     return LocalEngine.from_pretrained(resolve_model(args.model), device=args.device)
@@ -42,6 +50,23 @@ def load_engine(args: argparse.Namespace):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_endpoint_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--endpoint/--served-model/--api-key/--timeout; the group is returned for command-specific options."""
+    endpoint = parser.add_argument_group("OpenAI-compatible endpoint (instead of --model)")
+    endpoint.add_argument("--endpoint", metavar="URL", help="base URL ending in /v1, e.g. http://127.0.0.1:8000/v1")
+    endpoint.add_argument("--served-model", metavar="NAME", help="the model name the endpoint serves")
+    endpoint.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, else none")
+    endpoint.add_argument("--timeout", type=float, default=300.0, help="seconds per request before retrying")
+    return endpoint
+
+
+def check_backend(args: argparse.Namespace) -> None:
+    if args.endpoint and args.model:
+        raise UsageError("give either --model or --endpoint, not both")
+    if args.endpoint and not args.served_model:
+        raise UsageError("--endpoint needs --served-model NAME (the model name the server serves)")
 
 
 ROI_SOURCES = {"expert": "expert", "clip": "external"}  # --roi-source -> the config's roi.map_source
@@ -69,6 +94,10 @@ def inspection_engine(args: argparse.Namespace):
 
     if "clip" in (args.expert, args.roi_source) and not args.clip_model:
         raise UsageError("--expert clip and --roi-source clip need --clip-model SPEC")
+    if args.endpoint:
+        if args.expert != "model" or args.roi_source or args.clip_model:
+            raise UsageError("--endpoint inspects with the served model's own expert: drop the CLIP options")
+        return load_engine(args)
     clip = load_clip_expert(args) if args.clip_model else None
     language = None
     if args.expert == "model" or args.model:
@@ -206,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CLIP expert: score at or above which the image is anomalous and boxes are reported (default 0.5)",
     )
     add_model_arguments(inspect_parser)
+    add_endpoint_arguments(inspect_parser)
     inspect_parser.set_defaults(handler=cmd_inspect)
 
     chat_parser = commands.add_parser("chat", help="multi-turn chat about an image in the terminal")
@@ -213,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser.add_argument("--reference", action="append", default=[])
     chat_parser.add_argument("--max-new-tokens", type=int, default=256)
     add_model_arguments(chat_parser)
+    add_endpoint_arguments(chat_parser)
     chat_parser.set_defaults(handler=cmd_chat)
 
     tiny_parser = commands.add_parser("init-tiny", help="write a tiny random model (for smoke tests)")

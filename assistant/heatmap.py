@@ -3,7 +3,8 @@
 AnyRes gives two views of a query image: the base crop (the whole image squeezed to one crop) and the
 tiles (the image resized into a padded grid). Each view's patch map is brought back to image
 coordinates (the tiles' padding removed the same way LLaVA-OneVision unpads features) and the two are
-averaged, so fine tiles sharpen the map while the base crop still covers everything.
+averaged, so fine tiles sharpen the map while the base crop still covers everything. `crop_targets` goes the
+other way for training: a defect mask onto every crop's patch grid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ def assemble_heatmap(
     tiles = unpad_image(tiles[None], list(image_size))
     tiles = F.interpolate(tiles[None], out_size, mode="bilinear", align_corners=False)[0, 0]
     return (base + tiles) / 2
+
+
+def crop_targets(mask: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int], side: int) -> torch.Tensor:
+    """[H, W] defect mask -> [1 + rows*cols, side, side] patch targets laid out like the crop maps.
+
+    A patch is a target when any of its pixels is defective (max pooling), so a defect smaller than a patch
+    still marks one; the tiles' padding stays 0, placed exactly where `assemble_heatmap` removes it.
+    """
+    rows, cols = grid
+    source = mask.float()[None, None]
+    base = F.adaptive_max_pool2d(source, side)[0]
+    if rows * cols == 0:
+        return base
+    tiles = torch.zeros(1, rows * side, cols * side, device=mask.device)
+    content = unpad_image(tiles, list(image_size))  # a view: writing it fills the unpadded region
+    content.copy_(F.adaptive_max_pool2d(source, tuple(content.shape[-2:]))[0])
+    tiles = tiles[0].view(rows, side, cols, side).permute(0, 2, 1, 3).reshape(rows * cols, side, side)
+    return torch.cat([base, tiles])
 
 
 def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

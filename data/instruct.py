@@ -9,7 +9,6 @@ are found before training starts, not hours into a run.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from assistant.prompts import IMAGE_TOKEN
 
 from .errors import DataError, summarise
+from .files import describe, parse_json, read_text
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -83,25 +83,11 @@ def record_key(path: Path, index: int, record: object) -> str:
     return f"{path.name}[{index}]" + (f" id={record_id}" if record_id is not None else "")
 
 
-def _parse(path: Path, text: str, first_line: int = 1) -> object:
-    """JSON text from `path` (starting at `first_line` of the file), or a DataError naming the file line."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        line = first_line + error.lineno - 1
-        raise DataError(f"{path}: not valid JSON (line {line}, column {error.colno}: {error.msg})") from error
-
-
 def _read_records(path: Path) -> list[object]:
-    if not path.is_file():
-        raise DataError(f"{path}: conversation file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from error
+    text = read_text(path, "conversation file")
     if path.suffix == ".jsonl":
-        return [_parse(path, line, number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    records = _parse(path, text)
+        return [parse_json(line, str(path), number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records = parse_json(text, str(path))
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
@@ -117,10 +103,7 @@ def load_instruct_json(path: str | Path, image_root: str | Path | None = None) -
         try:
             record = InstructRecord.model_validate(raw)
         except ValidationError as error:
-            details = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()
-            )
-            problems.append(f"{key}: {details}")
+            problems.append(f"{key}: {describe(error)}")
             continue
         samples.append(InstructSample(key, tuple(root / image for image in record.images), tuple(record.messages())))
     if problems:

@@ -18,6 +18,10 @@ import random
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
+from PIL import Image
+
 from .errors import DataError
 
 PACKAGE = "conformal_clip_data"
@@ -90,3 +94,15 @@ def detection_items(root: str | Path, prefix: str) -> list[dict]:
         for folder, files in sorted(splits["test"].items())
         for file in files
     ]
+
+
+def speck_position(image: Image.Image) -> tuple[int, int]:
+    """(y, x) of a local defect's speck, found without any model, to check where a heatmap points.
+
+    The local defects are salt-and-pepper specks: by far the strongest high-frequency energy in the image
+    (a box-blurred absolute Laplacian), while the fabric's texture is smooth at that scale.
+    """
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    energy = cv2.blur(np.abs(cv2.Laplacian(gray, cv2.CV_32F)), (9, 9))
+    y, x = np.unravel_index(int(energy.argmax()), energy.shape)
+    return int(y), int(x)

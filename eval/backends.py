@@ -10,8 +10,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from assistant.cli import add_model_arguments, load_engine, resolve_model
-from assistant.errors import UsageError
+from assistant.cli import add_endpoint_arguments, add_model_arguments, load_engine, resolve_model
 
 if TYPE_CHECKING:
     from assistant.engine import Engine
@@ -35,19 +34,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=at_least(1), default=8, help="conversations per generate call (local model)"
     )
-    endpoint = parser.add_argument_group("OpenAI-compatible endpoint (instead of --model)")
-    endpoint.add_argument("--endpoint", metavar="URL", help="base URL ending in /v1, e.g. http://127.0.0.1:8000/v1")
-    endpoint.add_argument("--served-model", metavar="NAME", help="the model name the endpoint serves")
-    endpoint.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, else none")
+    endpoint = add_endpoint_arguments(parser)
     endpoint.add_argument("--concurrency", type=at_least(1), default=8, help="requests in flight at once")
-    endpoint.add_argument("--timeout", type=float, default=300.0, help="seconds per request before retrying")
-
-
-def check_backend(args: argparse.Namespace) -> None:
-    if args.endpoint and args.model:
-        raise UsageError("give either --model or --endpoint, not both")
-    if args.endpoint and not args.served_model:
-        raise UsageError("--endpoint needs --served-model NAME (the model name the server serves)")
 
 
 def model_label(args: argparse.Namespace) -> str:
@@ -63,13 +51,7 @@ def model_slug(args: argparse.Namespace) -> str:
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
-    if args.endpoint:
-        from assistant.client import EndpointEngine
-
-        return EndpointEngine(
-            args.endpoint, args.served_model, api_key=args.api_key, concurrency=args.concurrency, timeout=args.timeout
-        )
-    return load_engine(args)
+    return load_engine(args, concurrency=args.concurrency)
 
 
 def batch_size(args: argparse.Namespace) -> int:

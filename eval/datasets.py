@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data.errors import DataError
 from data.folder import LabelledImage, load_folder
-
-from .inputs import DataError
 
 VISA_CSV = Path("split_csv") / "1cls.csv"
 

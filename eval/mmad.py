@@ -13,11 +13,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from assistant.cli import check_backend
 from assistant.engine import REFERENCE_INTRO, Conversation, Engine
 from assistant.image_io import load_image
+from data.files import check_files_exist
 
-from .backends import batch_size, check_backend, model_label, model_slug, open_engine
-from .inputs import check_files_exist
+from .backends import batch_size, model_label, model_slug, open_engine
 from .mmad_data import MMADItem, load_mmad, official_view, prompt, question_items
 from .mmad_scoring import (
     SUBTASKS,

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .inputs import DataError, describe, read_json
+from data.errors import DataError
+from data.files import describe, read_json
 
 # The official instruction (MMAD `evaluation/examples/GPT4/gpt4v.py`), leading and trailing newline included.
 INSTRUCTION = (

@@ -14,7 +14,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .inputs import DataError, describe
+from data.errors import DataError
+from data.files import describe
 
 SETTINGS_FILE = "run.json"
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from assistant.cli import check_backend
 from assistant.engine import Conversation, Engine
 from assistant.prompts import DETECTION_QUESTION
 from assistant.image_io import load_image
+from data.errors import DataError
+from data.files import check_files_exist
 
-from .backends import batch_size, check_backend, model_label, model_slug, open_engine
-from .inputs import DataError, check_files_exist
+from .backends import batch_size, model_label, model_slug, open_engine
 from .published import BENCHMARK_CATEGORIES, VISA_DR, VISA_DR_COLUMNS
 from .records import AnswerLog, R, check_settings
 from .report import CHART_FILE, bar_chart, fmt, markdown_table, write_report

@@ -14,7 +14,8 @@ from typing import TypeVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .inputs import DataError, describe, read_json
+from data.errors import DataError
+from data.files import describe, read_json
 
 MAX_SIDE = 1024
 SKIPPED_IN_REASONING = ("pcb2", "pcb4")

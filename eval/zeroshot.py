@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from assistant.cli import check_backend
 from assistant.errors import UsageError
 from assistant.image_io import load_image
 from data.folder import LabelledImage
 
 from .ad_metrics import aupro, auroc, evaluation_size, f1_max, resample
-from .backends import batch_size, check_backend
+from .backends import batch_size
 from .datasets import Category, load_categories, load_mask, sample_id
 from .published import BENCHMARK_CATEGORIES, ZERO_SHOT_IMAGE_AUROC
 from .records import AnswerLog, Record, check_settings

@@ -15,7 +15,9 @@ import pytest
 
 from assistant.cli import main
 from assistant.serve.process import free_port
-from tests.helpers import ROOT, defect_image
+from assistant.client import data_url
+from assistant.image_io import load_image
+from tests.helpers import ROOT, defect_image, stub_answer, stub_verdict
 
 HEAVY_MODULES = ("torch", "transformers", "sklearn", "gradio", "open_clip", "vllm")
 
@@ -76,6 +78,14 @@ def bad_inputs(tmp_path, tiny_path) -> dict[str, tuple[list[str], str]]:
             ["eval", "zeroshot", "--data", str(tmp_path), "--endpoint", closed],
             "--endpoint needs --served-model",
         ),
+        "inspect endpoint down": (
+            ["inspect", str(part), "--endpoint", closed, "--served-model", "m", "--timeout", "5"],
+            f"cannot reach {closed}",
+        ),
+        "inspect endpoint flags": (
+            ["inspect", str(part), "--endpoint", closed, "--served-model", "m", "--expert", "clip", "--clip-model", "x"],
+            "drop the CLIP options",
+        ),
     }
 
 
@@ -89,6 +99,8 @@ FAMILIES = [
     "checkpoint",
     "endpoint down",
     "endpoint flags",
+    "inspect endpoint down",
+    "inspect endpoint flags",
 ]
 
 
@@ -100,3 +112,15 @@ def test_bad_input_exits_2_with_one_line(family, tmp_path, tiny_path, capsys):
     message = err[err.find("error: ") :]  # a progress bar may come first
     assert message.startswith("error: ") and message.count("\n") == 1 and message.endswith("\n"), err
     assert fragment in message
+
+
+def test_inspect_through_an_endpoint_prints_the_served_verdict(endpoint, tmp_path, capsys):
+    url, stub = endpoint
+    part = tmp_path / "part.png"
+    defect_image().save(part)
+    assert main(["inspect", str(part), "--endpoint", url, "--served-model", "stub", "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    expected = stub_verdict(data_url(load_image(part)))
+    assert verdict["anomalous"] and verdict["score"] == pytest.approx(expected["score"])
+    assert verdict["reasoning"] == stub_answer(stub.requests[1])  # /inspect first, then the chat answer
+    assert [request.get("image_url") is not None for request in stub.requests[:2]] == [True, False]

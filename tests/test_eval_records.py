@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eval.inputs import DataError
+from data.errors import DataError
 from eval.records import AnswerLog, Record, check_settings
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from assistant.cli import main
 from assistant.engine import LocalEngine
 from eval.datasets import load_categories, sample_id
-from eval.inputs import DataError
+from data.errors import DataError
 from tests.helpers import defect_image
 
 HEIGHT, WIDTH = 40, 56

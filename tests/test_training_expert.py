@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from assistant import AssistantForConditionalGeneration
 from assistant.cli import main
 from assistant.factory import tiny_assistant
+from assistant.heatmap import assemble_heatmap, crop_targets
 from data.errors import DataError
 from data.synth_dataset import SynthSpec, write_synthetic_dataset
 from tests.helpers import defect_image
@@ -17,7 +18,7 @@ from training.collate import ExpertCollator
 from training.config import load_config
 from training.expert import ExpertObjective, train_expert
 from training.loop import truncate_metrics
-from training.losses import class_weights
+from training.losses import class_weights, patch_mask_loss
 
 TINY_CONFIG = Path(__file__).parents[1] / "training" / "configs" / "tiny_expert.yaml"
 
@@ -48,11 +49,11 @@ def test_objective_matches_the_models_own_image_path(tiny_no_roi):
     images = [defect_image(90, 150, seed=1), defect_image(56, 56, seed=2, defect=False)]
     batch = ExpertCollator(processor)([(image, 0, None) for image in images])
     with torch.no_grad():
-        logits, heatmaps = ExpertObjective(model, train_vision=False)(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
+        analysis = ExpertObjective(model, train_vision=False)(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
         reference = model.encode_images(**processor.preprocess_images([[image] for image in images])).analysis
-    torch.testing.assert_close(logits, reference.logits)
-    assert len(heatmaps) == len(reference.heatmaps) == len(images)
-    for ours, theirs in zip(heatmaps, reference.heatmaps):
+    torch.testing.assert_close(analysis.expert.logits, reference.logits)
+    assert len(analysis.heatmaps) == len(reference.heatmaps) == len(images)
+    for ours, theirs in zip(analysis.heatmaps, reference.heatmaps):
         torch.testing.assert_close(ours, theirs)
 
 
@@ -114,3 +115,34 @@ def test_cli_runs_end_to_end_and_resumes(dataset_root, tmp_path, capsys):
     assert "steps            4" in capsys.readouterr().out
     assert main(["train", "expert", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_crop_targets_mark_the_patch_of_a_defect_smaller_than_a_patch():
+    mask = torch.zeros(60, 150)  # wide: the 2 x 3 tile grid is padded above and below the image
+    mask[31:33, 100:102] = 1  # 2 x 2 px, far below one patch
+    targets = crop_targets(mask, (60, 150), (2, 3), side=4)
+    assert targets.shape == (7, 4, 4)
+    assert targets[0].nonzero().tolist() == [[2, 2]]  # base crop: the whole image squeezed to 4 x 4 patches
+    tiles = targets[1:].view(2, 3, 4, 4).permute(0, 2, 1, 3).reshape(8, 12)
+    # 150 px wide -> 12 patch columns, 60 px -> 4 patch rows centred in 8: rows 2..5 hold the image, the rest padding.
+    assert tiles.nonzero().tolist() == [[4, 8]]
+    heatmap = assemble_heatmap(targets, (60, 150), (2, 3), (60, 150))
+    peak = divmod(int(heatmap.argmax()), 150)
+    assert abs(peak[0] - 32) <= 8 and abs(peak[1] - 101) <= 8
+
+
+def test_patch_loss_weighs_defective_and_clean_patches_equally():
+    maps = [torch.tensor([[[0.9, 0.2], [0.2, 0.2]]]), torch.full((1, 2, 2), 0.1)]
+    targets = [torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.zeros(1, 2, 2)]
+    clean = -(3 * torch.log(torch.tensor(0.8)) + 4 * torch.log(torch.tensor(0.9))) / 7
+    defective = -torch.log(torch.tensor(0.9))
+    torch.testing.assert_close(patch_mask_loss(maps, targets), clean + defective)
+    assert patch_mask_loss(maps, [None, None]) is None
+
+
+def test_patch_level_mask_loss_trains(dataset_root, tmp_path):
+    summary = train_expert(
+        config(dataset_root, tmp_path, "run.max_steps=2", "run.checkpoint_every=0", "objective.mask_level=patch")
+    )
+    assert summary.steps == 2
+    assert '"mask"' in (tmp_path / "metrics.jsonl").read_text().splitlines()[0]

@@ -103,11 +103,14 @@ class ExpertData:
 
 @dataclass
 class ExpertObjectiveConfig:
-    """Stage 1: balanced BCE on the image score, plus focal + dice on the heatmap where masks are known."""
+    """Stage 1: balanced BCE on the image score, plus a loss on the anomaly maps where masks are known."""
 
     train_vision: bool = False
     vision_lr: float = 1e-5
     mask_loss_weight: float = 1.0  # 0 disables the mask loss
+    # "pixel": focal + dice on the image-size heatmap (rewards the defect's shape); "patch": balanced BCE of every
+    # crop's patch map against the mask max-pooled onto its grid (a defect smaller than a patch still counts).
+    mask_level: Literal["pixel", "patch"] = "pixel"
     focal_gamma: float = 2.0
 
 

@@ -1,8 +1,9 @@
 """Stage 1: train the anomaly expert (LTFM + token selector) on labelled images, vision tower frozen.
 
 As in Anomaly-OV: class-balanced BCE on the image score, AdamW, cosine with warm restarts. Beyond it: a
-focal + dice loss on the heatmap where masks are known (Anomaly-OV learns its map without masks; ours is
-shown to users, so it gets supervision when there is some). The language model is never run: the forward
+loss on the anomaly maps where masks are known (`objective.mask_level`: focal + dice on the heatmap, or
+balanced BCE per patch; Anomaly-OV learns its map without masks; ours is shown to users, so it gets
+supervision when there is some). The language model is never run: the forward
 is the model's own `analyze_queries`, the vision pass and expert that `encode_images` builds its tokens on.
 
     anomaly-assistant train expert --config training/configs/tiny_expert.yaml
@@ -17,23 +18,25 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from assistant.factory import save_assistant
+from assistant.heatmap import crop_targets
 from assistant.modeling import AssistantForConditionalGeneration
 from assistant.processing import AssistantProcessor
+from assistant.vision import QueryAnalysis
 from data.folder import load_folder
 from data.synth_dataset import ensure_synthetic_dataset
 
 from .collate import ExpertCollator
-from .config import ConfigError, ExpertData, ExpertTrainConfig
+from .config import ConfigError, ExpertData, ExpertObjectiveConfig, ExpertTrainConfig
 from .datasets import ExpertDataset
 from .loop import TrainingTask, TrainSummary, make_accelerator, run_training
-from .losses import balanced_bce, class_weights, mask_loss
+from .losses import balanced_bce, class_weights, mask_loss, patch_mask_loss
 from .models import compute_dtype, load_assistant, upcast_trainable
 
 FINAL_DIR = "final"
 
 
 class ExpertObjective(nn.Module):
-    """Images -> expert logits and source-size heatmaps, holding only the vision tower and the expert.
+    """Images -> the expert's analysis (logits, crop maps, source-size heatmaps), holding only the tower and expert.
 
     The language model is deliberately not a submodule: accelerate moves (and DDP wraps) only what stage 1
     needs, so a 7B LLM never occupies GPU memory here.
@@ -46,12 +49,9 @@ class ExpertObjective(nn.Module):
         self.train_vision = train_vision
         self._analyze = model.model.analyze_queries  # a bound method: the LLM is not registered as a module
 
-    def forward(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, source_sizes: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, source_sizes: torch.Tensor) -> QueryAnalysis:
         every_image = torch.ones(len(image_sizes), dtype=torch.bool, device=image_sizes.device)
-        analysis = self._analyze(pixel_values, image_sizes, every_image, source_sizes, vision_grad=self.train_vision)
-        return analysis.expert.logits, analysis.heatmaps
+        return self._analyze(pixel_values, image_sizes, every_image, source_sizes, vision_grad=self.train_vision)
 
 
 def select_trainable(model: AssistantForConditionalGeneration, train_vision: bool) -> None:
@@ -81,17 +81,30 @@ def expert_dataset(data: ExpertData, seed: int) -> ExpertDataset:
     return ExpertDataset(images, data.synthetic_anomalies, data.max_image_side, seed, data.synthetic_kinds)
 
 
+def map_loss(analysis: QueryAnalysis, batch: dict, objective: ExpertObjectiveConfig) -> torch.Tensor | None:
+    """The configured mask loss (`objective.mask_level`); None when no image of the batch has a known mask."""
+    if objective.mask_level == "pixel":
+        return mask_loss(analysis.heatmaps, batch["masks"], objective.focal_gamma)
+    crop_maps = torch.split(analysis.expert.maps, [layout.num_crops for layout in analysis.layouts])
+    side = analysis.expert.maps.shape[-1]
+    targets = [
+        None if mask is None else crop_targets(mask, tuple(size), layout.grid, side)
+        for mask, size, layout in zip(batch["masks"], batch["image_sizes"].tolist(), analysis.layouts)
+    ]
+    return patch_mask_loss(crop_maps, targets)
+
+
 def make_loss(config: ExpertTrainConfig, weights: tuple[float, float]):
     """Balanced BCE on the image logit, plus the weighted mask loss when the batch has masks."""
     objective = config.objective
 
     def compute(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, heatmaps = model(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
-        bce = balanced_bce(logits, batch["labels"], weights)
+        analysis = model(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
+        bce = balanced_bce(analysis.expert.logits, batch["labels"], weights)
         metrics = {"bce": bce.item()}
         if objective.mask_loss_weight <= 0:
             return bce, metrics
-        masked = mask_loss(heatmaps, batch["masks"], objective.focal_gamma)
+        masked = map_loss(analysis, batch, objective)
         if masked is None:
             return bce, metrics
         metrics["mask"] = masked.item()

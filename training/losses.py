@@ -1,10 +1,14 @@
-"""Stage-1 losses: class-balanced BCE on the image score, focal + dice on the anomaly heatmap.
+"""Stage-1 losses: class-balanced BCE on the image score; focal + dice on the anomaly heatmap, or balanced BCE on
+the crops' patch maps.
 
 Class weights come from the dataset's class frequencies (synthetic defects included), not from each
 batch: small batches are often all-normal, and batch weights would then rescale the loss at random.
 The mask loss is a focal loss over pixels (the defect is a few percent of the image, so plain BCE is
 dominated by easy background) plus a dice loss on images with a defect (it rewards covering the defect's
 shape whatever its size). Normal images count with an all-zero mask; defects without a mask are skipped.
+A defect much smaller than a patch barely moves either pixel-level loss once the map is upsampled; the patch
+loss marks every patch it touches and weighs defective and clean patches equally, so such defects still teach
+the map (the demo's textile specks are ~8 x 16 px against 16 px patches).
 """
 
 from __future__ import annotations
@@ -56,3 +60,16 @@ def mask_loss(heatmaps: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | N
     if not defective:
         return focal
     return focal + torch.stack([dice_loss(heatmap, mask) for heatmap, mask in defective]).mean()
+
+
+def patch_mask_loss(maps: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Mean BCE over defective patches plus mean BCE over clean ones (each image's crop maps vs its crop targets)."""
+    known = [(crop_maps, target.to(crop_maps.device)) for crop_maps, target in zip(maps, targets) if target is not None]
+    if not known:
+        return None
+    probabilities = torch.cat([crop_maps.flatten() for crop_maps, _ in known]).float().clamp(EPS, 1 - EPS)
+    target = torch.cat([target.flatten() for _, target in known]).float()
+    per_patch = F.binary_cross_entropy(probabilities, target, reduction="none")
+    defective = target > 0.5
+    clean_loss = per_patch[~defective].mean() if (~defective).any() else per_patch.sum() * 0
+    return clean_loss + (per_patch[defective].mean() if defective.any() else 0)
