@@ -10,6 +10,7 @@ import pytest
 from assistant.cli import main
 from assistant.engine import LocalEngine
 from eval.records import AnswerLog
+from eval.visa_dr import write_visa_dr_report
 from eval.visa_dr_scoring import DetectionAnswer, JudgeAnswer, ReasoningAnswer, detection_metrics
 from tests.helpers import defect_image
 
@@ -155,3 +156,11 @@ def test_visa_dr_input_errors(tmp_path, tiny_path, capsys):
     assert main(base) == 2 and "--detection" in capsys.readouterr().err
     assert main([*base, "--detection", str(detection), "--images", str(tmp_path)]) == 2
     assert "5 VisA-D&R images not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("categories", "published"), [(("candle", "pcb1"), True), (("candle", "textile"), False)])
+def test_published_rows_only_beside_the_same_visa_classes(categories, published, tmp_path):
+    detections = [answer(category, anomaly, "Yes") for category in categories for anomaly in (True, False)]
+    text = write_visa_dr_report(tmp_path, "ours", detections, [], {}, skipped=0).read_text()
+    assert ("Anomaly-OV-7B (published)" in text) == published
+    assert "| ours | 0.50 | 0.50 | 1.00 | 0.67 |" in text
