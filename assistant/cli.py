@@ -35,7 +35,7 @@ def resolve_model(path: str | None) -> Path:
 
 def load_engine(args: argparse.Namespace, concurrency: int = 1):
     """The in-process model, or (with --endpoint) the OpenAI-compatible server that serves one."""
-    if getattr(args, "endpoint", None):
+    if args.endpoint:
         from .client import EndpointEngine
 
         check_backend(args)

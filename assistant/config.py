@@ -32,7 +32,7 @@ class ExpertConfig:
     # below high -> "moderately", else "highly" (Anomaly-OV's strict comparisons).
     suspicion_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
     # Platt scaling of the expert logit for the user-facing score: sigmoid(scale * logit + shift),
-    # to be fitted on a validation split (`anomaly-assistant eval calibrate` fits them); the identity until then.
+    # fitted on a validation split (`anomaly-assistant eval calibrate`); the identity until then.
     score_scale: float = 1.0
     score_shift: float = 0.0
     # Calibrated score at or above which the verdict says "anomalous".

@@ -23,16 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from assistant.defaults import default_model_path  # noqa: E402
 from assistant.engine import LocalEngine  # noqa: E402
 from assistant.image_io import load_image  # noqa: E402
-from data.textile import CLASSES, source_folder, speck_position, split_files  # noqa: E402
+from data.textile import speck_position, split_paths  # noqa: E402
 
 RADII = (8, 16, 32)
-
-
-def held_out_local_defects(limit: int | None) -> list[Path]:
-    source = source_folder()
-    inverse = {folder: name for name, folder in CLASSES.items()}
-    names = split_files(source, test_fraction=0.2, seed=0)["test"]["local_defect"]
-    return [source / inverse["local_defect"] / name for name in names[:limit]]
 
 
 def main() -> None:
@@ -42,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = LocalEngine.from_pretrained(args.model or default_model_path(), device="cpu")
     distances, in_box, flagged = [], [], []
-    for path in tqdm(held_out_local_defects(args.limit), desc="local defects"):
+    for path in tqdm(split_paths("test")["local_defect"][: args.limit], desc="local defects"):
         image = load_image(path)
         analysis = engine.analyze(image)
         y, x = speck_position(image)
@@ -51,7 +44,8 @@ def main() -> None:
         in_box.append(any(box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1 for box in analysis.boxes))
         flagged.append(analysis.anomalous)
     distances = np.array(distances)
-    print(f"\n{len(distances)} held-out local defects, heatmap {analysis.heatmap.shape[1]}x{analysis.heatmap.shape[0]} px\n")
+    height, width = analysis.heatmap.shape
+    print(f"\n{len(distances)} held-out local defects, heatmap {width}x{height} px\n")
     print("| measure | value |\n|---|---|")
     print(f"| median distance peak -> speck (px) | {np.median(distances):.1f} |")
     for radius in RADII:

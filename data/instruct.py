@@ -86,7 +86,8 @@ def record_key(path: Path, index: int, record: object) -> str:
 def _read_records(path: Path) -> list[object]:
     text = read_text(path, "conversation file")
     if path.suffix == ".jsonl":
-        return [parse_json(line, str(path), number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        lines = enumerate(text.splitlines(), start=1)
+        return [parse_json(line, str(path), number) for number, line in lines if line.strip()]
     records = parse_json(text, str(path))
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")

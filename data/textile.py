@@ -26,7 +26,7 @@ from .errors import DataError
 
 PACKAGE = "conformal_clip_data"
 CATEGORY = "textile"
-CLASSES = {"nominal": "good", "local": "local_defect", "global": "global_defect"}
+CLASSES = {"nominal": "good", "local": "local_defect", "global": "global_defect"}  # package folder -> ours
 SPLIT_FILE = "split.json"
 
 
@@ -55,6 +55,18 @@ def split_files(source: Path, test_fraction: float, seed: int) -> dict[str, dict
     return splits
 
 
+def _in_package(source: Path, classes: dict[str, list[str]]) -> dict[str, list[Path]]:
+    """{class folder: file names} -> {class folder: the files' paths inside the package}."""
+    package_folder = {folder: name for name, folder in CLASSES.items()}
+    return {folder: [source / package_folder[folder] / name for name in names] for folder, names in classes.items()}
+
+
+def split_paths(split: str, test_fraction: float = 0.2, seed: int = 0) -> dict[str, list[Path]]:
+    """{class folder: image paths inside the package} of one split, as `anomaly-assistant train demo` draws it."""
+    source = source_folder()
+    return _in_package(source, split_files(source, test_fraction, seed)[split])
+
+
 def _link(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
@@ -76,11 +88,10 @@ def write_textile_dataset(root: str | Path, test_fraction: float = 0.2, seed: in
         if json.loads(split_file.read_text(encoding="utf-8")) != record:
             raise DataError(f"{root} already holds a different textile split; use another folder")
         return root
-    inverse = {folder: name for name, folder in CLASSES.items()}
     for split, classes in splits.items():
-        for folder, files in classes.items():
-            for file in files:
-                _link(source / inverse[folder] / file, root / CATEGORY / split / folder / file)
+        for folder, paths in _in_package(source, classes).items():
+            for path in paths:
+                _link(path, root / CATEGORY / split / folder / path.name)
     root.mkdir(parents=True, exist_ok=True)
     split_file.write_text(json.dumps(record, indent=1), encoding="utf-8")
     return root

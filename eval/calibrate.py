@@ -44,15 +44,14 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(regression.coef_[0, 0]), float(regression.intercept_[0])
 
 
-def expert_logits(model: str | None, device: str | None, images: list) -> np.ndarray:
+def expert_logits(model: Path, device: str | None, images: list) -> np.ndarray:
     """Raw expert logits of labelled images, in order, with a progress bar."""
     from tqdm.auto import tqdm
 
-    from assistant.cli import resolve_model
     from assistant.engine import LocalEngine
     from assistant.image_io import load_image
 
-    engine = LocalEngine.from_pretrained(resolve_model(model), device=device)
+    engine = LocalEngine.from_pretrained(model, device=device)
     logits = []
     for item in tqdm(images, desc="expert logits"):
         analysis = engine.encode([load_image(item.image)]).analysis
@@ -66,19 +65,21 @@ def _summary(labels: np.ndarray, probabilities: np.ndarray) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from scipy.special import expit
+
     from assistant.cli import resolve_model
     from data.folder import load_folder
 
+    model = resolve_model(args.model)
     images = load_folder(args.data, args.layout, args.split, args.categories.split(",") if args.categories else ())
     labels = np.array([int(item.anomalous) for item in images])
-    logits = expert_logits(args.model, args.device, images)
+    logits = expert_logits(model, args.device, images)
     scale, shift = fit_platt(logits, labels)
-    raw = 1 / (1 + np.exp(-logits))
-    calibrated = 1 / (1 + np.exp(-(scale * logits + shift)))
+    raw, calibrated = expit(logits), expit(scale * logits + shift)
     print(f"{len(images)} images ({labels.sum()} anomalous) from {args.data} [{args.split}]")
     print(f"raw sigmoid:  {_summary(labels, raw)}")
     print(f"calibrated:   {_summary(labels, calibrated)}   (scale {scale:.4f}, shift {shift:.4f})")
-    config_path = resolve_model(args.model) / "config.json"
+    config_path = model / "config.json"
     if args.write:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["expert"].update(score_scale=scale, score_shift=shift)

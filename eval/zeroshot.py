@@ -86,12 +86,14 @@ def _score_batch(
                     f"scorer {name} returned a {anomaly_map.shape} map for {item.sample.image} "
                     f"({image.height}x{image.width}); it must be finite and HxW at the image's resolution"
                 )
-            relative = Path() if image_only else Path("pixels") / name / f"{sample_id(item.sample)}.npz"
+            pixels = ""  # --image-only: no mask is read, no map kept
             if not image_only:
                 mask = load_mask(item.sample, (image.height, image.width))
                 pixels_map, pixels_mask = resample(anomaly_map, mask, evaluation_size(*mask.shape, pixel_size))
+                relative = Path("pixels") / name / f"{sample_id(item.sample)}.npz"
                 (output / relative).parent.mkdir(parents=True, exist_ok=True)
                 np.savez(output / relative, map=pixels_map, mask=pixels_mask)
+                pixels = str(relative)
             records.append(
                 ZeroShotAnswer(
                     id=item.id,
@@ -100,7 +102,7 @@ def _score_batch(
                     image=str(item.sample.image),
                     label=int(item.sample.anomalous),
                     score=float(score),
-                    pixels="" if image_only else str(relative),
+                    pixels=pixels,
                 )
             )
         return records

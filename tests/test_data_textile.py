@@ -3,7 +3,7 @@
 import numpy as np
 
 from data.synthetic import normal_part, synthesize_defect
-from data.textile import CLASSES, source_folder, speck_position, split_files
+from data.textile import CLASSES, source_folder, speck_position, split_files, split_paths
 
 
 def test_split_is_seeded_per_class_and_disjoint():
@@ -13,6 +13,9 @@ def test_split_is_seeded_per_class_and_disjoint():
     for folder in CLASSES.values():
         train, test = set(first["train"][folder]), set(first["test"][folder])
         assert not train & test and len(test) == round(0.2 * (len(train) + len(test)))
+    paths = split_paths("test", 0.2, seed=0)
+    assert {folder: [path.name for path in files] for folder, files in paths.items()} == first["test"]
+    assert all(path.is_file() for files in paths.values() for path in files)
 
 
 def test_speck_position_finds_a_pasted_speck():

@@ -14,7 +14,7 @@ from assistant.defaults import default_model_path
 from assistant.engine import Conversation, LocalEngine, inspect
 from assistant.image_io import load_image
 from assistant.prompts import DETECTION_QUESTION
-from data.textile import CLASSES, source_folder, split_files
+from data.textile import split_paths
 
 PER_CLASS = 12  # held-out images per class (normal, local, global)
 IMAGE_AUROC_FLOOR = 0.6  # normal vs any defect (measured 0.74 on all 400); chance is 0.5
@@ -32,10 +32,7 @@ def engine() -> LocalEngine:
 @pytest.fixture(scope="module")
 def held_out() -> dict[str, list]:
     """{class folder: images} from the demo's held-out test split."""
-    source = source_folder()
-    inverse = {folder: name for name, folder in CLASSES.items()}
-    test = split_files(source, test_fraction=0.2, seed=0)["test"]
-    return {folder: [load_image(source / inverse[folder] / name) for name in files[:PER_CLASS]] for folder, files in test.items()}
+    return {folder: [load_image(path) for path in paths[:PER_CLASS]] for folder, paths in split_paths("test").items()}
 
 
 def test_expert_scores_separate_held_out_defects(engine, held_out):

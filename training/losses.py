@@ -71,5 +71,4 @@ def patch_mask_loss(maps: Sequence[torch.Tensor], targets: Sequence[torch.Tensor
     target = torch.cat([target.flatten() for _, target in known]).float()
     per_patch = F.binary_cross_entropy(probabilities, target, reduction="none")
     defective = target > 0.5
-    clean_loss = per_patch[~defective].mean() if (~defective).any() else per_patch.sum() * 0
-    return clean_loss + (per_patch[defective].mean() if defective.any() else 0)
+    return sum(per_patch[group].mean() for group in (defective, ~defective) if group.any())

@@ -99,9 +99,8 @@ def usage_banner(args: argparse.Namespace, model: str, vllm: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from ..cli import resolve_model
-
     from ..checkpoint import is_composed
+    from ..cli import resolve_model
 
     model = str(resolve_model(args.model).resolve())
     if is_composed(model):
