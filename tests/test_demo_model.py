@@ -14,12 +14,16 @@ from assistant.defaults import default_model_path
 from assistant.engine import Conversation, LocalEngine, inspect
 from assistant.image_io import load_image
 from assistant.prompts import DETECTION_QUESTION
-from data.textile import split_paths
+from data.textile import speck_position, split_paths
 
 PER_CLASS = 12  # held-out images per class (normal, local, global)
-IMAGE_AUROC_FLOOR = 0.6  # normal vs any defect (measured 0.74 on all 400); chance is 0.5
-GLOBAL_AUROC_FLOOR = 0.9  # normal vs global defects (measured 0.998)
-DETECTION_ACCURACY_FLOOR = 0.75  # chat answers on normal + global defects (measured 0.93); untrained: ~0.5
+IMAGE_AUROC_FLOOR = 0.7  # normal vs any defect (measured 0.886 on all 400); chance is 0.5
+GLOBAL_AUROC_FLOOR = 0.9  # normal vs global defects (measured 0.999)
+DETECTION_ACCURACY_FLOOR = 0.75  # chat answers on normal + global defects (measured 0.98); untrained: ~0.5
+LOCAL_COUNT = 40  # held-out local defects and as many normal images for the local checks
+LOCAL_AUROC_FLOOR = 0.65  # normal vs local defects (measured 0.78 on these 80, 0.77 on all 300); the old recipe: 0.48
+PEAK_RADIUS = 16  # px on the 250 px images: one patch of the 256 px tiles
+PEAK_ON_SPECK_FLOOR = 0.3  # share of local defects with the heatmap peak on the speck (measured 0.60); chance ~0.01
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,25 @@ def test_expert_scores_separate_held_out_defects(engine, held_out):
     global_only = roc_auc_score([0] * len(normal) + [1] * PER_CLASS, np.concatenate([normal, scores["global_defect"]]))
     assert overall >= IMAGE_AUROC_FLOOR
     assert global_only >= GLOBAL_AUROC_FLOOR
+
+
+def test_local_defects_score_higher_and_the_heatmap_points_at_them(engine):
+    """The small specks: the score ranks them above normal images and the heatmap's peak lands on them.
+
+    Where a speck is comes from a model-free locator (`speck_position`); a random peak is within 16 px of it
+    for about 1% of images.
+    """
+    paths = split_paths("test")
+    normal = [engine.analyze(load_image(path)).score for path in paths["good"][:LOCAL_COUNT]]
+    local, on_speck = [], []
+    for path in paths["local_defect"][:LOCAL_COUNT]:
+        image = load_image(path)
+        analysis = engine.analyze(image)
+        local.append(analysis.score)
+        peak = np.unravel_index(int(analysis.heatmap.argmax()), analysis.heatmap.shape)
+        on_speck.append(np.hypot(*np.subtract(peak, speck_position(image))) <= PEAK_RADIUS)
+    assert roc_auc_score([0] * LOCAL_COUNT + [1] * LOCAL_COUNT, normal + local) >= LOCAL_AUROC_FLOOR
+    assert np.mean(on_speck) >= PEAK_ON_SPECK_FLOOR
 
 
 def test_chat_answers_detect_global_defects(engine, held_out):

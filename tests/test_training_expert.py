@@ -131,11 +131,12 @@ def test_crop_targets_mark_the_patch_of_a_defect_smaller_than_a_patch():
     assert abs(peak[0] - 32) <= 8 and abs(peak[1] - 101) <= 8
 
 
-def test_patch_loss_weighs_defective_and_clean_patches_equally():
-    maps = [torch.tensor([[[0.9, 0.2], [0.2, 0.2]]]), torch.full((1, 2, 2), 0.1)]
-    targets = [torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.zeros(1, 2, 2)]
-    clean = -(3 * torch.log(torch.tensor(0.8)) + 4 * torch.log(torch.tensor(0.9))) / 7
-    defective = -torch.log(torch.tensor(0.9))
+def test_patch_loss_weighs_clean_patches_and_every_defect_equally():
+    maps = [torch.tensor([[[0.9, 0.2], [0.2, 0.2]]]), torch.full((1, 2, 2), 0.1), torch.tensor([[[0.5, 0.5], [0.5, 0.2]]])]
+    targets = [torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.zeros(1, 2, 2), torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])]
+    clean = -(4 * torch.log(torch.tensor(0.8)) + 4 * torch.log(torch.tensor(0.9))) / 8
+    # the one-patch defect weighs as much as the three-patch one
+    defective = -(torch.log(torch.tensor(0.9)) + torch.log(torch.tensor(0.5))) / 2
     torch.testing.assert_close(patch_mask_loss(maps, targets), clean + defective)
     assert patch_mask_loss(maps, [None, None]) is None
 

