@@ -2,7 +2,7 @@
 
 AnyRes gives two views of a query image: the base crop (the whole image squeezed to one crop) and the
 tiles (the image resized into a padded grid). Each view's patch map is brought back to image
-coordinates (the tiles' padding removed the same way LLaVA-OneVision unpads features) and the two are
+coordinates (the tiles' padding removed the way LLaVA-OneVision unpads features, `tile_content`) and the two are
 averaged, so fine tiles sharpen the map while the base crop still covers everything. `crop_targets` goes the
 other way for training: a defect mask onto every crop's patch grid.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+
+from .layout import tile_content
 
 
 def assemble_heatmap(
@@ -24,8 +25,8 @@ def assemble_heatmap(
     if rows * cols == 0:
         return base
     tiles = crop_maps[1:].float().view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
-    tiles = unpad_image(tiles[None], list(image_size))
-    tiles = F.interpolate(tiles[None], out_size, mode="bilinear", align_corners=False)[0, 0]
+    tiles = tiles[tile_content(tiles.shape, image_size, keep_one=True)]
+    tiles = F.interpolate(tiles[None, None], out_size, mode="bilinear", align_corners=False)[0, 0]
     return (base + tiles) / 2
 
 
@@ -40,10 +41,10 @@ def crop_targets(mask: torch.Tensor, image_size: tuple[int, int], grid: tuple[in
     base = F.adaptive_max_pool2d(source, side)[0]
     if rows * cols == 0:
         return base
-    tiles = torch.zeros(1, rows * side, cols * side, device=mask.device)
-    content = unpad_image(tiles, list(image_size))  # a view: writing it fills the unpadded region
-    content.copy_(F.adaptive_max_pool2d(source, tuple(content.shape[-2:]))[0])
-    tiles = tiles[0].view(rows, side, cols, side).permute(0, 2, 1, 3).reshape(rows * cols, side, side)
+    tiles = torch.zeros(rows * side, cols * side, device=mask.device)
+    content = tiles[tile_content(tiles.shape, image_size, keep_one=True)]  # a view: writing it fills the unpadded region
+    content.copy_(F.adaptive_max_pool2d(source, tuple(content.shape))[0, 0])
+    tiles = tiles.view(rows, side, cols, side).permute(0, 2, 1, 3).reshape(rows * cols, side, side)
     return torch.cat([base, tiles])
 
 

@@ -3,6 +3,9 @@
 Handles what inspection photos come as in practice: 16-bit and 8-bit grayscale, palette, RGBA/LA (alpha
 composited on white), CMYK, EXIF-rotated JPEGs; refuses empty, truncated, non-image and
 decompression-bomb files before they can exhaust memory.
+
+The one rule on size: 1 to `MAX_PIXELS` pixels and at most `MAX_BYTES` on disk, any aspect ratio (a
+1 x 20,000 line-scan strip included); every image this module returns gets a verdict on every surface.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ class ImageError(AssistantError, ValueError):
     """An input image that cannot be used, with a message meant for the user."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image over the byte or pixel limit (the server answers 413 rather than 400)."""
+
+
 def _open(source: str | Path | bytes, name: str) -> Image.Image:
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -36,21 +43,23 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
             raise ImageError(f"{name}: is a directory, not an image file")
         size = path.stat().st_size
         if size > MAX_BYTES:
-            raise ImageError(f"{name}: file is {size / 2**20:.0f} MiB, more than the {MAX_BYTES // 2**20} MiB limit")
+            raise ImageTooLargeError(
+                f"{name}: file is {size / 2**20:.0f} MiB, more than the {MAX_BYTES // 2**20} MiB limit"
+            )
         data = path.read_bytes()
     else:
         data = source
     if len(data) == 0:
         raise ImageError(f"{name}: file is empty (0 bytes)")
     if len(data) > MAX_BYTES:
-        raise ImageError(f"{name}: {len(data) / 2**20:.0f} MiB is more than the {MAX_BYTES // 2**20} MiB limit")
+        raise ImageTooLargeError(f"{name}: {len(data) / 2**20:.0f} MiB is more than the {MAX_BYTES // 2**20} MiB limit")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise ImageError(
+                raise ImageTooLargeError(
                     f"{name}: {width}x{height} pixels is more than the {MAX_PIXELS // 1_000_000} megapixel limit"
                 )
             image.load()
@@ -59,7 +68,7 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         if isinstance(error, UnidentifiedImageError):
             raise ImageError(f"{name}: not a recognised image format") from error
-        raise ImageError(f"{name}: image is too large to decode safely ({error})") from error
+        raise ImageTooLargeError(f"{name}: image is too large to decode safely ({error})") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{name}: image is corrupt or truncated ({error})") from error
     return image
@@ -100,7 +109,7 @@ def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
     if isinstance(source, Image.Image):
         image = source
         if image.width * image.height > MAX_PIXELS:
-            raise ImageError(f"{name}: {image.width}x{image.height} pixels is more than the limit")
+            raise ImageTooLargeError(f"{name}: {image.width}x{image.height} pixels is more than the limit")
     elif isinstance(source, np.ndarray):
         image = _from_array(source, name)
     elif isinstance(source, (str, Path, bytes, bytearray)):

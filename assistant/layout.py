@@ -49,18 +49,33 @@ def anyres_grid(image_size: tuple[int, int], config: AssistantConfig) -> tuple[i
     return best_height // config.crop_size, best_width // config.crop_size
 
 
+def tile_content(
+    grid_size: tuple[int, int], image_size: tuple[int, int], keep_one: bool = False
+) -> tuple[slice, slice]:
+    """Rows and columns of a padded tile grid (in patches) that hold the image: LLaVA-OneVision's unpad rule.
+
+    The slices of transformers' `unpad_image`, which the LLM's AnyRes tokens follow. An image thinner than one
+    patch of the grid (a 1:20 strip on a coarse grid, say) has no rows left by that rule, and stock
+    LLaVA-OneVision gives it no tile tokens; `keep_one=True` (the heatmap, which needs a map wherever the image
+    is) keeps the middle row or column instead, two when the grid's side is even.
+    """
+    grid_h, grid_w = grid_size
+    height, width = image_size
+    least = 1 if keep_one else 0
+    if width / height > grid_w / grid_h:
+        padding = (grid_h - max(least, int(round(height * grid_w / width, 7)))) // 2
+        return slice(padding, grid_h - padding), slice(0, grid_w)
+    padding = (grid_w - max(least, int(round(width * grid_h / height, 7)))) // 2
+    return slice(0, grid_h), slice(padding, grid_w - padding)
+
+
 def base_token_count(image_size: tuple[int, int], config: AssistantConfig) -> int:
     """LLaVA-OneVision's AnyRes count: base crop + unpadded tile grid + one newline per grid row."""
-    height, width = image_size
     side = config.patches_per_side
     rows, cols = anyres_grid(image_size, config)
-    current_height, current_width = side * rows, side * cols
-    if width / height > current_width / current_height:
-        new_height = int(round(height * (current_width / width), 7))
-        current_height -= 2 * ((current_height - new_height) // 2)
-    else:
-        new_width = int(round(width * (current_height / height), 7))
-        current_width -= 2 * ((current_width - new_width) // 2)
+    content_rows, content_cols = tile_content((side * rows, side * cols), image_size)
+    current_height = content_rows.stop - content_rows.start
+    current_width = content_cols.stop - content_cols.start
     unpadded, newlines = current_height * current_width, current_height
     max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
     ratio = math.sqrt(current_height * current_width / (max_tiles * side**2))

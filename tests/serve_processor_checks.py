@@ -20,6 +20,10 @@ CASES = [
     [(300, 30)],
     [(336, 336)],
     [(13, 17)],
+    [(1, 1)],
+    [(2, 900)],
+    [(900, 2)],
+    [(50, 2000)],
     [(80, 200), (120, 160)],
     [(90, 90), (40, 70), (200, 120)],
 ]
@@ -32,6 +36,7 @@ def image(size: tuple[int, int], seed: int) -> Image.Image:
 def main(path: str) -> None:
     import vllm.plugins
     from vllm.config import ModelConfig
+    from vllm.exceptions import VLLMError
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.cache.base import MultiModalProcessorOnlyCache
 
@@ -66,8 +71,8 @@ def main(path: str) -> None:
                 ours.tokenizer.encode("<image>", add_special_tokens=False),
                 processor.info.parse_mm_data({"image": images}),
             )
-        except ValueError as error:
-            return str(error)
+        except VLLMError as error:  # what the API server turns into the HTTP status
+            return f"{error.http_status.value if hasattr(error, 'http_status') else 400} {error}"
         return ""
 
     image_io.MAX_PIXELS = 60 * 60  # so a small image stands for one over the real limit
