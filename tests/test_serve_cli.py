@@ -27,7 +27,20 @@ def test_cpu_command_line_and_environment():
     assert "sk-1" not in command  # the key travels in the environment, not where `ps` shows it
     env = server_environment(args, cpu=True)
     assert env["VLLM_API_KEY"] == "sk-1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
-    assert set(env["VLLM_PLUGINS"].split(",")) == {"anomaly_assistant", "anomaly_assistant_inspect"}
+    assert set(env["VLLM_PLUGINS"].split(",")) == {
+        "anomaly_assistant",
+        "anomaly_assistant_inspect",
+        "anomaly_assistant_auth",
+    }
+    assert env["VLLM_MEDIA_CONNECTOR"] == "anomaly_assistant" and env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert "--allowed-media-domains" not in command  # no image URL is fetched unless asked for
+
+
+def test_image_domains_are_opt_in():
+    args = parse("--allow-image-domain", "images.example.com", "--allow-image-domain", "10.0.0.7")
+    command = server_command(args, "/models/m", "python", cpu=True)
+    at = command.index("--allowed-media-domains")
+    assert command[at + 1 : at + 3] == ["images.example.com", "10.0.0.7"]
 
 
 def test_gpu_command_line_keeps_cuda_graphs_and_needs_no_key():

@@ -57,4 +57,4 @@ def test_an_image_seen_as_query_and_as_reference_has_two_identities(report):
 
 def test_images_over_the_pixel_limit_are_refused_with_the_reason(report):
     data, _ = report
-    assert data["too_large"] == "image 1: 70x70 pixels is more than the limit"
+    assert data["too_large"] == "413 image 1: 70x70 pixels is more than the limit"

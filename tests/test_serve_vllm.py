@@ -9,7 +9,9 @@ on every part of the image input (checked below), which makes token agreement a 
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import threading
 from pathlib import Path
 
 import httpx
@@ -21,7 +23,9 @@ import torch
 from assistant.client import EndpointEngine, data_url, to_messages
 from assistant.engine import Conversation, LocalEngine, inspect
 from assistant.factory import save_assistant, tiny_assistant
-from assistant.serve.process import ServerProcess
+from assistant.image_io import MAX_BYTES
+from assistant.serve.plugin import OPEN_PATHS
+from assistant.serve.process import ServerProcess, free_port
 from assistant.verdict import Verdict
 from tests.helpers import defect_image
 
@@ -72,8 +76,45 @@ def client(server: ServerProcess, api_key: str = API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url, api_key=api_key, max_retries=0, timeout=120)
 
 
+class ImageHost:
+    """A loopback HTTP server the servers may fetch from (its port is allow-listed, with one closed port):
+    /part.png, /huge.png (over the byte limit), /moved.png (a redirect to /part.png), 404 for anything else."""
+
+    def __init__(self, png: bytes):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/moved.png":
+                    self.send_response(302)
+                    self.send_header("Location", "/part.png")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = {"/part.png": png, "/huge.png": bytes(MAX_BYTES + 1)}.get(self.path)
+                self.send_response(404 if body is None else 200)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.closed_port = free_port()  # allow-listed, nothing listens there: an unreachable URL
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="session")
-def servers(checkpoints, serving_python, tmp_path_factory) -> dict[str, ServerProcess]:
+def image_host():
+    host = ImageHost(png_bytes(defect_image(seed=14)))
+    yield host
+    host.server.shutdown()
+
+
+
+
+@pytest.fixture(scope="session")
+def servers(checkpoints, serving_python, image_host, tmp_path_factory) -> dict[str, ServerProcess]:
     """Both servers start together (start-up is mostly imports and process spawning) and stop at session end."""
     logs = tmp_path_factory.mktemp("server-logs")
     options = [
@@ -89,6 +130,10 @@ def servers(checkpoints, serving_python, tmp_path_factory) -> dict[str, ServerPr
         "2048",
         "--kv-cache-gib",
         "1",
+        "--allow-image-domain",
+        f"127.0.0.1:{image_host.port}",  # the loopback image server, and nothing else on this machine
+        "--allow-image-domain",
+        f"127.0.0.1:{image_host.closed_port}",
     ]
     started = {key: ServerProcess(path, logs / f"{key}.log", options) for key, path in checkpoints.items()}
     try:
@@ -289,8 +334,127 @@ def test_malformed_images_get_400_with_a_reason_and_the_server_keeps_serving(ser
             response.text,
         )
     response = inspect_request(server, {"image_url": "https://example.com/part.png"})
-    assert response.status_code == 400 and "data URL" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "allow-list" in response.json()["error"]["message"]
     assert inspect_request(server, {"reference_urls": []}).status_code == 400  # no image at all
     assert inspect_request(server, {"model": "other", "image_url": data_url(defect_image())}).status_code == 404
     # Still serving, and still right.
     assert_agreement(server, local["roi"], Conversation.start(defect_image(seed=11), QUESTION))
+
+
+# -- hardening: one bad request never stops the server; one status code per kind of bad input ---------------
+
+
+@pytest.mark.vllm
+def test_a_thin_image_is_answered_and_the_engine_keeps_serving(servers, local):
+    """A 50x2000 strip once emptied the tile heatmap inside the engine, which then failed every later request."""
+    server = servers["roi"]
+    for size in [(50, 2000), (2000, 3)]:
+        thin = defect_image(*size, seed=12)
+        assert_agreement(server, local["roi"], Conversation.start(thin, QUESTION))
+        response = inspect_request(server, {"image_url": data_url(thin), "max_tokens": 0})
+        assert response.status_code == 200, response.text
+        assert Verdict.model_validate(response.json()).heatmap.shape == size
+    assert httpx.get(server.url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+    assert_agreement(server, local["roi"], Conversation.start(defect_image(seed=13), QUESTION))
+
+
+def bad_image_urls(image_host: ImageHost) -> dict[str, tuple[str, int]]:
+    """The status-code table of docs/serving.md: case -> (image URL, expected status)."""
+    def b64(data: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+
+    bomb = png_bytes(defect_image(20, 20).convert("1").resize((9000, 9000)))  # 81 MP: tiny on disk
+    return {
+        "malformed image": (b64(b"plain text, no pixels"), 400),
+        "bad base64": ("data:image/png;base64,%%%not-base64%%%", 400),
+        "data URL without base64": ("data:image/png,rawpixels", 400),
+        "unsupported scheme": ("ftp://127.0.0.1/part.png", 400),
+        "file URL": ("file:///etc/hostname", 400),
+        "host not allow-listed": (f"http://localhost:{image_host.port}/part.png", 400),
+        "port not allow-listed": (f"http://127.0.0.1:{free_port()}/part.png", 400),
+        "user info": (f"http://user@127.0.0.1:{image_host.port}/part.png", 400),
+        "backslash": (f"http://169.254.169.254\\@127.0.0.1:{image_host.port}/part.png", 400),
+        "unreachable URL": (f"http://127.0.0.1:{image_host.closed_port}/part.png", 400),
+        "missing on the host": (f"http://127.0.0.1:{image_host.port}/nothing.png", 400),
+        "a redirect": (f"http://127.0.0.1:{image_host.port}/moved.png", 400),
+        "URL over the byte limit": (f"http://127.0.0.1:{image_host.port}/huge.png", 413),
+        "over the pixel limit": (b64(bomb), 413),
+        "over the byte limit": (b64(bytes(MAX_BYTES + 1)), 413),
+    }
+
+
+@pytest.mark.vllm
+def test_every_kind_of_bad_image_gets_its_status_and_a_reason(servers, local, image_host):
+    server = servers["roi"]
+    for case, (url, status) in bad_image_urls(image_host).items():
+        chat = httpx.post(
+            f"{server.url}/chat/completions",
+            json={"model": NAME, "messages": image_message(url), "max_tokens": 2},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=120,
+        )
+        inspected = inspect_request(server, {"image_url": url, "max_tokens": 0})
+        for route, response in (("chat", chat), ("inspect", inspected)):
+            assert response.status_code == status, (case, route, response.text[:300])
+            assert response.json()["error"]["message"], (case, route)
+    too_many = inspect_request(server, {"image_url": data_url(defect_image()), "reference_urls": ["x"] * 4})
+    assert too_many.status_code == 400 and "At most 4 image(s)" in too_many.json()["error"]["message"]
+    assert httpx.get(server.url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+    assert_agreement(server, local["roi"], Conversation.start(defect_image(seed=15), QUESTION))
+
+
+@pytest.mark.vllm
+def test_an_allow_listed_url_is_fetched_like_a_data_url(servers, local, image_host):
+    server = servers["roi"]
+    url = f"http://127.0.0.1:{image_host.port}/part.png"
+    fetched = client(server).chat.completions.create(
+        model=NAME, messages=image_message(url), max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    conversation = Conversation.start(defect_image(seed=14), QUESTION)
+    assert fetched.choices[0].model_extra["token_ids"] == transformers_tokens(local["roi"], conversation)[1]
+    response = inspect_request(server, {"image_url": url, "max_tokens": 0})
+    assert response.status_code == 200, response.text
+    expected = local["roi"].analyze(defect_image(seed=14))
+    assert Verdict.model_validate(response.json()).score == pytest.approx(expected.score, abs=1e-4)
+
+
+def live_routes(server: ServerProcess) -> set[tuple[str, str]]:
+    """(method, path) of every route the running server lists in its OpenAPI schema, plus FastAPI's docs."""
+    schema = httpx.get(
+        server.url.removesuffix("/v1") + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    )
+    assert schema.status_code == 200, schema.text[:300]
+    routes = {
+        (method.upper(), path) for path, operations in schema.json()["paths"].items() for method in operations
+    }
+    return routes | {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/docs/oauth2-redirect")}
+
+
+@pytest.mark.vllm
+def test_the_key_guards_every_route_but_the_open_probes(servers):
+    server = servers["no_roi"]
+    base = server.url.removesuffix("/v1")
+    routes = live_routes(server)
+    paths = {path for _, path in routes}
+    assert {"/v1/chat/completions", "/v1/inspect", "/invocations", "/tokenize", "/v1/models"} <= paths
+    guarded = 0
+    for method, path in sorted(routes):
+        if path in OPEN_PATHS:
+            continue
+        url = base + path.replace("{", "").replace("}", "")  # path parameters get a placeholder value
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            response = httpx.request(method, url, headers=headers, json={}, timeout=30)
+            assert response.status_code == 401, (method, path, headers, response.status_code, response.text[:200])
+        guarded += 1
+    assert guarded >= 20
+    # A path no route has yet (a later vLLM's) is guarded too; the probes stay open.
+    assert httpx.post(base + "/v9/some-new-route", json={}, timeout=10).status_code == 401
+    assert httpx.get(base + "/health", timeout=10).status_code == 200
+    invoked = httpx.post(
+        base + "/invocations",
+        json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+    assert invoked.status_code == 200, invoked.text[:300]

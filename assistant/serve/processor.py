@@ -32,6 +32,7 @@ from ..layout import expand_image_ids, image_layout
 from ..processing import AssistantProcessor
 from ..prompts import IMAGE_TOKEN
 from .images import ItemImageProcessor, last_is_query
+from .media import http_error
 
 REFERENCE_SUFFIX = ":reference"
 
@@ -102,11 +103,12 @@ class AssistantMultiModalProcessor(BaseMultiModalProcessor[AssistantProcessingIn
         return {**inputs.hf_processor_mm_kwargs, "image_is_query": roles}
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        """Every image is checked here, in the API server, before it can reach (and stop) the engine."""
         try:
             return super()._call_hf_processor(hf_data, hf_kwargs)
         except ValueError as error:
             if isinstance(error.__cause__, ImageError):  # say what is wrong with the image, not which call failed
-                raise ValueError(str(error.__cause__)) from error
+                raise http_error(error.__cause__) from error
             raise
 
     def _get_mm_fields_config(
