@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import AssistantError, UsageError
+from .errors import AssistantError, UsageError, one_line
 
 MODEL_ENV = "ANOMALY_ASSISTANT_MODEL"
 COMMAND_FAMILIES = ("assistant.serve.cli", "eval.cli", "training.cli", "data.cli")
@@ -197,6 +197,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-assistant", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an unexpected error (before the command)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect_parser = commands.add_parser("inspect", help="verdict, heatmap, boxes and reasoning for one image")
@@ -274,13 +277,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (`error: ...`), 1 an unexpected failure (one line; --debug shows the trace)."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
         handler(args)
+        sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, inside the handler below
     except (AssistantError, FileNotFoundError) as error:  # bad input, or a path the user named that is not there
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly, and keep Python's exit-time flush from failing too.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file descriptor (captured, replaced): nothing will flush
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        hint = f"`anomaly-assistant --debug {args.command} ...` shows the traceback"
+        print(f"error: {one_line(error)} ({hint})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,3 +16,9 @@ class AssistantError(Exception):
 
 class UsageError(AssistantError):
     """A command-line usage problem: a missing or contradictory option, a model folder that is not there."""
+
+
+def one_line(error: BaseException) -> str:
+    """An unexpected error as one line for a user: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -11,10 +11,16 @@ from PIL import Image, ImageDraw
 from .verdict import Box
 
 
+def quantize(heatmap: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> uint8 levels, the resolution the colour map has (a uint8 map passes unchanged)."""
+    if heatmap.dtype == np.uint8:
+        return heatmap
+    return np.clip(heatmap * 255.0, 0, 255).astype(np.uint8)
+
+
 def colorize(heatmap: np.ndarray) -> np.ndarray:
-    """[H, W] in [0, 1] -> [H, W, 3] uint8 RGB (blue = normal, red = anomalous)."""
-    scaled = np.clip(heatmap * 255.0, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    """[H, W] in [0, 1] (or its `quantize`d levels) -> [H, W, 3] uint8 RGB (blue = normal, red = anomalous)."""
+    return cv2.cvtColor(cv2.applyColorMap(quantize(heatmap), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
 def blend_heatmap(

@@ -6,11 +6,13 @@ so the verdict, heatmap and boxes are all present and the answers are determinis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import time
 
+import gradio as gr
 import httpx
 import numpy as np
 import pytest
@@ -20,11 +22,13 @@ from PIL import Image, ImageDraw
 
 from assistant.cli import MODEL_ENV
 from assistant.engine import Analysis, Conversation, LocalEngine
-from assistant.prompts import INSPECTION_QUESTION
 from assistant.errors import UsageError
+from assistant.prompts import INSPECTION_QUESTION
 from assistant.serve.process import free_port
 from assistant.ui import build_demo, launch, load_backend
 from assistant.ui.backend import NO_WEIGHTS_NOTICE
+from assistant.ui.blocks import SESSION_TTL_S
+from assistant.ui.handlers import ChatHandlers
 from assistant.ui.views import make_preview, verdict_label
 from assistant.verdict import Box
 from tests.helpers import ROOT, defect_image, expected_answer
@@ -245,3 +249,93 @@ def test_app_py_serves_the_app_on_the_given_model(tiny_path, part, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+class FailingEngine:
+    """The app's engine, failing the way a bug would: in the analysis, or after the answer began to stream."""
+
+    def __init__(self, engine: LocalEngine, where: str):
+        self.engine, self.where = engine, where
+
+    def analyze(self, image, references=()):
+        if self.where == "analysis":
+            raise RuntimeError("shape '[1, 4, 4]' is invalid for input of size 12\nsee the shape above")
+        return self.engine.analyze(image, references)
+
+    def stream(self, conversation, max_new_tokens=256):
+        yield "The part"
+        raise IndexError("index 7 is out of bounds for dimension 0 with size 7")
+
+
+@pytest.mark.parametrize(
+    "where, line",
+    [
+        ("analysis", "RuntimeError: shape '[1, 4, 4]' is invalid for input of size 12"),
+        ("answer", "IndexError: index 7 is out of bounds for dimension 0 with size 7"),
+    ],
+)
+def test_an_unexpected_failure_reaches_the_user_as_one_line(app_engine, part, where, line, caplog):
+    demo = build_demo(FailingEngine(app_engine, where), max_new_tokens=4)
+    try:
+        app = connect(launch(demo, port=free_port(), block=False))
+        with pytest.raises(AppError) as error:
+            ask(app, "Is there a defect?", part)
+    finally:
+        demo.close()
+    assert str(error.value) == f"Something went wrong: {line} (details in the app's log)"
+    assert "Traceback" in caplog.text  # the details are in the log, for whoever runs the app
+
+
+def reachable_bytes(value, seen=None) -> int:
+    """Bytes of the arrays and images a session value holds, through dataclasses and containers."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, Image.Image):
+        return value.width * value.height * len(value.getbands())
+    if dataclasses.is_dataclass(value):
+        return sum(reachable_bytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
+    if isinstance(value, (list, tuple)):
+        return sum(reachable_bytes(item, seen) for item in value)
+    if isinstance(value, dict):
+        return sum(reachable_bytes(item, seen) for item in value.values())
+    return 0
+
+
+def test_a_session_holds_its_panel_at_display_size_and_expires(app_engine, tmp_path):
+    """A 12-megapixel upload (48 MB as RGB + float heatmap) costs its session little more than a 1024 px preview."""
+    photo = tmp_path / "large.png"
+    defect_image(3000, 4000).save(photo)
+    handlers = ChatHandlers(app_engine, max_new_tokens=2)
+    outputs = list(handlers.chat("Is there a defect?", {"path": str(photo)}, None, 0.5, None, lambda *a, **k: None))
+    session = outputs[-1][-1]
+    assert session.preview.image.size == (1024, 768) and session.preview.heatmap.dtype == np.uint8
+    assert reachable_bytes(session) <= 1024 * 768 * 4
+    follow_up = list(handlers.chat("Where?", {"path": str(photo)}, None, 0.5, session, lambda *a, **k: None))
+    assert [m["role"] for m in follow_up[-1][-1].messages] == ["user", "assistant", "user", "assistant"]
+    demo = build_demo(app_engine)
+    states = [block for block in demo.blocks.values() if isinstance(block, gr.State)]
+    assert [state.time_to_live for state in states] == [SESSION_TTL_S]
+
+
+def test_a_url_instead_of_an_upload_is_refused_before_anything_is_fetched(client, part, monkeypatch):
+    """Through the API a client can send a URL where a file goes; Gradio would download it on the server."""
+    import gradio.processing_utils
+
+    downloads = []
+
+    async def download(url, *args, **kwargs):
+        downloads.append(url)
+        raise AssertionError("the app fetched a URL")
+
+    monkeypatch.setattr(gradio.processing_utils, "async_ssrf_protected_download", download)
+    for url in ("https://example.com/part.png", "http://127.0.0.1:9/part.png"):
+        payload = {"path": url, "url": url, "meta": {"_type": "gradio.FileData"}}
+        with pytest.raises(AppError, match="uploaded image files only"):
+            client.predict("Is there a defect?", payload, None, 0.5, api_name="/chat")
+        with pytest.raises(AppError, match="uploaded image files only"):
+            client.predict("Is there a defect?", handle_file(part), payload, 0.5, api_name="/chat")
+    assert downloads == []

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from assistant.cli import main
+from assistant.engine import LocalEngine, inspect
 from assistant.serve.process import free_port
 from assistant.client import data_url
 from assistant.image_io import load_image
@@ -124,3 +125,40 @@ def test_inspect_through_an_endpoint_prints_the_served_verdict(endpoint, tmp_pat
     assert verdict["anomalous"] and verdict["score"] == pytest.approx(expected["score"])
     assert verdict["reasoning"] == stub_answer(stub.requests[1])  # /inspect first, then the chat answer
     assert [request.get("image_url") is not None for request in stub.requests[:2]] == [True, False]
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_code_1_with_the_traceback_behind_debug(tiny_path, tmp_path):
+    """A bug (here: the engine's analysis raising) must not print a traceback at a user; --debug shows it."""
+    part = tmp_path / "part.png"
+    defect_image().save(part)
+    probe = (
+        "import sys; from assistant.engine import LocalEngine; from assistant.cli import main\n"
+        "def broken(self, *args, **kwargs):\n"
+        "    raise RuntimeError('tensor a (3) must match tensor b (4)\\nat dimension 1')\n"
+        "LocalEngine.analyze = broken\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    argv = ["inspect", str(part), "--model", str(tiny_path)]
+    result = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (  # after the weight loader's progress bar
+        "error: RuntimeError: tensor a (3) must match tensor b (4) (`anomaly-assistant --debug inspect ...` shows "
+        "the traceback)"
+    )
+    debug = subprocess.run(
+        [sys.executable, "-c", probe, "--debug", *argv], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_a_closed_pipe_ends_quietly(tiny_path, tmp_path):
+    part = tmp_path / "part.png"
+    defect_image(400, 600).save(part)
+    verdict = inspect(LocalEngine.from_pretrained(tiny_path, device="cpu"), load_image(part), max_new_tokens=2)
+    assert len(verdict.model_dump_json()) > 4 * 65536  # more than a pipe holds: the write must fail once head exits
+    command = f"{sys.executable} -m assistant inspect {part} --model {tiny_path} --json --max-new-tokens 2 | head -c 10"
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.stdout == '{"anomalou' and "Error" not in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 0

@@ -211,13 +211,12 @@ def test_local_run_resumes_after_a_crash_without_repeating_or_losing_items(tiny_
 
     def crash_on_second_batch(self, conversations, max_new_tokens=256):
         if asked:
-            raise KeyboardInterrupt  # the process dies mid-run
+            raise KeyboardInterrupt  # the user stops the run (Ctrl-C)
         asked.extend(c.messages[0]["content"] for c in conversations)
         return original(self, conversations, max_new_tokens)
 
     monkeypatch.setattr(LocalEngine, "complete", crash_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
+    assert main(args) == 130  # Ctrl-C: "interrupted", no traceback
     log = output / ANSWERS_FILE
     first_batch = log.read_text()
     assert first_batch.count("\n") == 4

@@ -6,7 +6,11 @@ so the browser test and gradio_client drive exactly what a user sees.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import gradio as gr
+from gradio_client.utils import is_http_url_like
 
 from ..engine import Engine
 from .examples import EXAMPLES_DIR, write_examples
@@ -18,6 +22,8 @@ INTRO = (
     "The verdict, heatmap and suspicious regions appear on the right; follow-up questions keep the conversation."
 )
 MAX_UPLOAD = "20mb"  # bytes per file; image_io.MAX_PIXELS caps the decoded size
+URL_REFUSED = "The app takes uploaded image files only, not URLs: download the image and upload it."
+SESSION_TTL_S = 3600  # a session idle this long is dropped (its next question starts a new conversation)
 CSS = """
 #notice {background: #fff4e5; border: 2px solid #e8a33d; border-radius: 8px; padding: 4px 14px}
 #backend {opacity: 0.75}
@@ -25,8 +31,24 @@ CSS = """
 """
 
 
+def _uploads_only(move: Callable) -> Callable:
+    """Gradio's move-to-cache of an input, refusing URLs: given one instead of a file (possible through the
+    API), Gradio would download it on the server, and the app makes no requests of its own."""
+
+    def refuse_urls(url_or_file_path: str | Path | None):
+        if isinstance(url_or_file_path, str) and is_http_url_like(url_or_file_path):
+            raise gr.Error(URL_REFUSED, print_exception=False)
+        return move(url_or_file_path)
+
+    return refuse_urls
+
+
 def _upload(label: str, elem_id: str) -> gr.Image:
-    return gr.Image(type="filepath", label=label, sources=["upload", "clipboard"], height=220, elem_id=elem_id)
+    image = gr.Image(type="filepath", label=label, sources=["upload", "clipboard"], height=220, elem_id=elem_id)
+    # Instance attributes, not a subclass: Gradio writes a .pyi stub for every Component subclass it meets.
+    image.move_resource_to_block_cache = _uploads_only(image.move_resource_to_block_cache)
+    image.async_move_resource_to_block_cache = _uploads_only(image.async_move_resource_to_block_cache)
+    return image
 
 
 def build_demo(
@@ -40,7 +62,7 @@ def build_demo(
             gr.Markdown(f"⚠️ {notice}", elem_id="notice")
         if backend:
             gr.Markdown(f"Backend: {backend}", elem_id="backend")
-        session = gr.State(None)
+        session = gr.State(None, time_to_live=SESSION_TTL_S)
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Row():

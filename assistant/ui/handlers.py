@@ -2,11 +2,19 @@
 
 Events run with `preprocess=False`, so uploads arrive as Gradio file records and the project's own
 `load_image` is the only decoder: corrupt, non-image and oversized files get its clear `ImageError`
-message instead of a decoder traceback from inside Gradio.
+message instead of a decoder traceback from inside Gradio. Any other failure is shown as one line too,
+with the traceback in the app's log.
+
+A session keeps only what the panel shows, at display size, and the chat text: a 64-megapixel upload
+costs it about 4 MB, not 450 MB. Later turns read the image again from Gradio's upload cache (the engine
+finds its encoding in its own cache by the pixels' digest).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -14,23 +22,24 @@ from typing import TypeVar
 import gradio as gr
 from PIL import Image
 
-from ..engine import Analysis, Conversation, Engine
-from ..errors import AssistantError
-from ..image_io import ImageError, load_image
+from ..engine import Conversation, Engine
+from ..errors import AssistantError, one_line
+from ..image_io import ImageError, load_image, load_references
 from ..prompts import INSPECTION_QUESTION
-from .views import Preview, chat_history, make_preview, overlay, regions, verdict_label
+from .views import Label, Preview, chat_history, make_preview, overlay, regions, verdict_label
 
 T = TypeVar("T")
 NO_IMAGE = "Upload an image to inspect first (the “Image to inspect” box)."
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Session:
-    """One browser tab's chat: the uploads it is about, the conversation so far and the expert's view."""
+    """One browser tab's chat: the uploads it is about, the messages so far and the verdict panel."""
 
     uploads: tuple[str, str | None]  # cache paths of the query and reference uploads (content-addressed)
-    conversation: Conversation
-    analysis: Analysis
+    messages: tuple[dict[str, str], ...]  # finished turns, as in `Conversation.messages`
+    label: Label
     preview: Preview
 
 
@@ -40,7 +49,16 @@ def _upload_path(upload: dict | None) -> str | None:
 
 def _panel(session: Session, opacity: float) -> tuple:
     """Verdict label, heatmap overlay and ROI boxes."""
-    return verdict_label(session.analysis), overlay(session.preview, opacity), regions(session.preview)
+    return session.label, overlay(session.preview, opacity), regions(session.preview)
+
+
+def _conversation(uploads: tuple[str, str | None], messages: list[dict[str, str]]) -> Conversation:
+    """The conversation about these uploads, the images read from Gradio's upload cache."""
+    image, reference = uploads
+    try:
+        return Conversation(load_image(image, "image"), load_references([reference] if reference else []), messages)
+    except ImageError as error:
+        raise gr.Error(f"Cannot use this upload: {error}", print_exception=False) from error
 
 
 def unlock_question() -> gr.Textbox:
@@ -57,6 +75,41 @@ def reset() -> tuple:
     return *clear_chat(), "", None, None
 
 
+def _user_error(error: Exception) -> gr.Error:
+    """A user-facing error as it is (an endpoint that is down, say); anything else as one line, traced in the log."""
+    if isinstance(error, AssistantError):
+        return gr.Error(str(error), print_exception=False)
+    logger.exception("unexpected error in the app")
+    return gr.Error(f"Something went wrong: {one_line(error)} (details in the app's log)", print_exception=False)
+
+
+def reported(handler: Callable[..., T]) -> Callable[..., T]:
+    """An event handler (streaming or not) whose failures reach the user as one message, never raw exception text."""
+    if inspect.isgeneratorfunction(handler):
+
+        @functools.wraps(handler)
+        def stream(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as error:
+                raise _user_error(error) from error
+
+        return stream
+
+    @functools.wraps(handler)
+    def call(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as error:
+            raise _user_error(error) from error
+
+    return call
+
+
 class ChatHandlers:
     """Handlers bound to one engine; the session lives in gr.State, one per browser tab or API client."""
 
@@ -64,15 +117,12 @@ class ChatHandlers:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
 
-    def _start(self, uploads: tuple[str, str | None], question: str) -> Session:
-        image, reference = uploads
-        try:
-            conversation = Conversation.start(image, question, [reference] if reference else [])
-        except ImageError as error:
-            raise gr.Error(f"Cannot use this upload: {error}", print_exception=False) from error
-        analysis = _reported(lambda: self.engine.analyze(conversation.image, conversation.references))
-        return Session(uploads, conversation, analysis, make_preview(conversation.image, analysis))
+    def _start(self, conversation: Conversation, uploads: tuple[str, str | None]) -> Session:
+        """A new session: the expert's analysis, kept only as the panel shows it."""
+        analysis = self.engine.analyze(conversation.image, conversation.references)
+        return Session(uploads, (), verdict_label(analysis), make_preview(conversation.image, analysis))
 
+    @reported
     def chat(
         self,
         question: str,
@@ -95,27 +145,31 @@ class ChatHandlers:
         uploads = (_upload_path(image), _upload_path(reference))
         if uploads[0] is None:
             raise gr.Error(NO_IMAGE, print_exception=False)
-        if session is not None and session.uploads == uploads:
-            conversation = replace(session.conversation, messages=list(session.conversation.messages)).ask(question)
-            turn = replace(session, conversation=conversation)
+        continues = session is not None and session.uploads == uploads
+        conversation = _conversation(uploads, [*session.messages] if continues else []).ask(question)
+        if continues:
+            turn = session
         else:
             progress(None, desc="Analysing the image…")
-            turn = self._start(uploads, question)
-        conversation, skip, locked = turn.conversation, gr.skip(), gr.Textbox(value="", interactive=False)
+            turn = self._start(conversation, uploads)
+        skip, locked = gr.skip(), gr.Textbox(value="", interactive=False)
         yield chat_history(conversation, uploads[0], pending=""), locked, *_panel(turn, opacity), skip
         answer = ""
-        for chunk in _reported_stream(self.engine.stream(conversation, self.max_new_tokens)):
+        for chunk in self.engine.stream(conversation, self.max_new_tokens):
             answer += chunk
             yield chat_history(conversation, uploads[0], pending=answer), skip, skip, skip, skip, skip
         conversation.answer(answer.strip())
-        yield chat_history(conversation, uploads[0]), locked, *_panel(turn, opacity), turn
+        finished = replace(turn, messages=tuple(conversation.messages))
+        yield chat_history(conversation, uploads[0]), locked, *_panel(finished, opacity), finished
 
     @staticmethod
+    @reported
     def reblend(opacity: float, session: Session | None) -> Image.Image | dict:
         """The heatmap overlay at a new opacity (nothing to redraw before the first answer)."""
         return gr.skip() if session is None else overlay(session.preview, opacity)
 
     @staticmethod
+    @reported
     def new_uploads(image: dict | None, reference: dict | None) -> tuple:
         """A new image starts a new chat; a file that cannot be used is reported right away."""
         for upload, name in ((image, "image"), (reference, "reference")):
@@ -125,19 +179,3 @@ class ChatHandlers:
                 except ImageError as error:
                     gr.Warning(f"Cannot use this upload: {error}")
         return clear_chat()
-
-
-def _reported(work: Callable[[], T]) -> T:
-    """Run engine work, showing user-facing errors (an endpoint that is down, say) as a message, not a traceback."""
-    try:
-        return work()
-    except AssistantError as error:
-        raise gr.Error(str(error), print_exception=False) from error
-
-
-def _reported_stream(chunks: Iterator[str]) -> Iterator[str]:
-    """`_reported` for a streamed answer, keeping it streamed."""
-    try:
-        yield from chunks
-    except AssistantError as error:
-        raise gr.Error(str(error), print_exception=False) from error

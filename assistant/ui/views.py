@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..engine import Analysis, Conversation
-from ..overlay import blend_heatmap
+from ..overlay import blend_heatmap, quantize
 from ..verdict import Box
 
 MAX_DISPLAY_SIDE = 1024
@@ -22,14 +22,15 @@ PENDING = "…"
 EMPTY_ANSWER = "*(the model returned no text)*"
 
 Annotations = tuple[Image.Image, list[tuple[tuple[int, int, int, int], str]]]
+Label = dict[str, float] | str  # the gr.Label value: both classes with their probabilities, or a plain verdict
 
 
 @dataclass(frozen=True)
 class Preview:
-    """The query image with its heatmap and boxes at display size."""
+    """The query image with its heatmap and boxes at display size (what a session keeps of its analysis)."""
 
     image: Image.Image
-    heatmap: np.ndarray  # [h, w] in [0, 1]
+    heatmap: np.ndarray  # [h, w] uint8 levels (`overlay.quantize`): all the colour map can show, 1 byte a pixel
     boxes: list[Box]
 
 
@@ -43,14 +44,14 @@ def _scale_box(box: Box, scale: float, width: int, height: int) -> Box:
 def make_preview(image: Image.Image, analysis: Analysis, max_side: int = MAX_DISPLAY_SIDE) -> Preview:
     scale = max_side / max(image.size)
     if scale >= 1.0:
-        return Preview(image, analysis.heatmap, list(analysis.boxes))
+        return Preview(image, quantize(analysis.heatmap), list(analysis.boxes))
     width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     heatmap = cv2.resize(analysis.heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
     boxes = [_scale_box(box, scale, width, height) for box in analysis.boxes]
-    return Preview(image.resize((width, height), Image.Resampling.LANCZOS), np.clip(heatmap, 0.0, 1.0), boxes)
+    return Preview(image.resize((width, height), Image.Resampling.LANCZOS), quantize(heatmap), boxes)
 
 
-def verdict_label(analysis: Analysis) -> dict[str, float] | str:
+def verdict_label(analysis: Analysis) -> Label:
     """Both classes with the calibrated score for gr.Label, whose heading is the most probable class.
 
     A model configured with a decision threshold other than 0.5 can call a 0.4 score anomalous; the
