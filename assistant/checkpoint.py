@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import AssistantConfig
 from .errors import AssistantError
+from .files import atomic_path
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
 
@@ -80,10 +81,8 @@ class BaseLLM:
         }
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # the same tensor as the embeddings
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".partial")
-        save_file(state, str(partial))
-        partial.replace(cache)  # atomic: an interrupted conversion never leaves a half-written cache
+        with atomic_path(cache) as partial:  # an interrupted conversion never leaves a half-written cache
+            save_file(state, str(partial))
         return state
 
 

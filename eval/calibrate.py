@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> Path:
     from scipy.special import expit
 
     from assistant.cli import resolve_model
+    from assistant.files import write_text_atomic
     from data.folder import load_folder
 
     model = resolve_model(args.model)
@@ -83,6 +84,6 @@ def run(args: argparse.Namespace) -> Path:
     if args.write:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["expert"].update(score_scale=scale, score_shift=shift)
-        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
         print(f"wrote expert.score_scale/score_shift to {config_path}")
     return config_path

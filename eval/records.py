@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from assistant.files import write_text_atomic
 from data.errors import DataError
 from data.files import describe
 
@@ -53,7 +54,8 @@ class AnswerLog(Generic[R]):
                 record = self.schema.model_validate_json(line)
             except ValidationError as error:
                 raise DataError(
-                    f"{self.path}, line {number}: not a valid {self.schema.__name__} record ({describe(error)})"
+                    f"{self.path}, line {number}: not a valid {self.schema.__name__} record ({describe(error)}); "
+                    "delete that line to answer the item again (the other answers are kept)"
                 ) from error
             records[record.id] = record
         return records
@@ -73,7 +75,7 @@ def check_settings(directory: Path, settings: dict[str, Any]) -> None:
     """
     settings = json.loads(json.dumps(settings))  # tuples -> lists, so the comparison matches what is stored
     path = directory / SETTINGS_FILE
-    stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    stored = _stored_settings(path)
     changed = [
         f"{key}: {stored[key]!r} -> {value!r}"
         for key, value in settings.items()
@@ -84,5 +86,18 @@ def check_settings(directory: Path, settings: dict[str, Any]) -> None:
             f"{directory} holds answers from a run with other settings ({'; '.join(changed)}); "
             "use another --output folder, or the original settings to resume"
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**stored, **settings}, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps({**stored, **settings}, indent=2) + "\n")
+
+
+def _stored_settings(path: Path) -> dict[str, Any]:
+    """The settings a previous run recorded; a damaged file says how to recover without losing its answers."""
+    if not path.exists():
+        return {}
+    recovery = "delete it and re-run with the original settings to resume: the finished answers in that folder are kept"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # malformed JSON, or not UTF-8
+        raise DataError(f"{path} is damaged ({error}); {recovery}") from error
+    if not isinstance(stored, dict):
+        raise DataError(f"{path} is damaged (a JSON {type(stored).__name__}, not an object); {recovery}")
+    return stored

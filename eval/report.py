@@ -7,6 +7,8 @@ from pathlib import Path
 
 import matplotlib
 
+from assistant.files import write_text_atomic
+
 matplotlib.use("Agg")  # files only: no display needed, safe in threads and on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -45,6 +47,4 @@ def bar_chart(
 
 
 def write_report(directory: Path, sections: Sequence[str]) -> Path:
-    path = directory / REPORT_FILE
-    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(directory / REPORT_FILE, "\n\n".join(sections) + "\n")

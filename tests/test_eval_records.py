@@ -38,3 +38,30 @@ def test_settings_merge_new_keys_and_refuse_changed_ones(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text()) == {"seed": 0, "shots": [1], "scorer.clip": "ViT-B-16"}
     with pytest.raises(DataError, match=r"other settings \(seed: 0 -> 1\)"):
         check_settings(tmp_path, {"seed": 1})
+
+
+@pytest.mark.parametrize("damage", ["", '{"model": "tin', "[1, 2]", "\xff\xfe"])
+def test_a_damaged_settings_file_is_one_line_naming_it_and_the_recovery(tmp_path, damage):
+    log = AnswerLog(tmp_path / "answers.jsonl", Answer)
+    log.append([Answer(id="a", text="one")])
+    (tmp_path / "run.json").write_bytes(damage.encode("latin-1"))
+    with pytest.raises(DataError, match=r"run.json is damaged .*delete it and re-run .*answers in that folder are kept"):
+        check_settings(tmp_path, {"model": "tiny"})
+    (tmp_path / "run.json").unlink()  # the recovery the message gives
+    check_settings(tmp_path, {"model": "tiny"})
+    assert list(log.load()) == ["a"]
+
+
+def test_the_settings_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A kill while run.json is written leaves the previous file (here: the rename never happens)."""
+    check_settings(tmp_path, {"model": "tiny"})
+    before = (tmp_path / "run.json").read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("assistant.files.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        check_settings(tmp_path, {"model": "tiny", "scorer": "new"})
+    assert (tmp_path / "run.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left behind

@@ -1,5 +1,6 @@
 """Stage 1: the expert's own forward, loss going down, only the expert training, exact resume, the CLI."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,40 @@ def test_patch_level_mask_loss_trains(dataset_root, tmp_path):
     )
     assert summary.steps == 2
     assert '"mask"' in (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+
+
+def test_a_checkpoint_appears_whole_or_not_at_all(dataset_root, tmp_path, monkeypatch):
+    """A kill while step 4 is saved leaves step 2 the latest checkpoint, and the next save cleans up."""
+    import training.loop
+
+    run = config(dataset_root, tmp_path, "run.max_steps=4", "run.checkpoint_every=2")
+    real_publish = training.loop.publish_dir
+
+    def killed_at_step_4(partial, folder):
+        if folder.name.endswith("4"):
+            raise KeyboardInterrupt
+        return real_publish(partial, folder)
+
+    monkeypatch.setattr(training.loop, "publish_dir", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(run)
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
+    assert (tmp_path / "checkpoints" / "step-000004.partial").is_dir()
+    monkeypatch.setattr(training.loop, "publish_dir", real_publish)
+    train_expert(config(dataset_root, tmp_path, "run.max_steps=4", "run.checkpoint_every=2"), resume=checkpoint_dir(tmp_path, 2))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_recovery(dataset_root, tmp_path, capsys):
+    argv = ["train", "expert", "--config", str(TINY_CONFIG), "--set", f"data.folders=[{{root: {dataset_root}}}]"]
+    argv += ["--set", "data.synthesize=null", "--set", f"run.output_dir={tmp_path}", "--set", "run.max_steps=2"]
+    argv += ["--set", "run.checkpoint_every=1", "--set", "run.batch_size=4"]
+    assert main(argv) == 0
+    optimizer = checkpoint_dir(tmp_path, 2) / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated, as by a disk that filled up
+    capsys.readouterr()
+    assert main([*argv, "--set", "run.max_steps=3", "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "step-000002: checkpoint is damaged" in error and "delete that folder" in error
+    shutil.rmtree(checkpoint_dir(tmp_path, 2))  # the recovery it names: resume from the one before
+    assert main([*argv, "--set", "run.max_steps=3", "--resume"]) == 0

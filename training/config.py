@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 
 from assistant.errors import AssistantError
+from assistant.files import write_text_atomic
 from data.synth_dataset import SynthSpec
 
 CONFIG_FILE = "train_config.yaml"
@@ -265,11 +266,7 @@ def load_config(path: str | Path, stage: str | None = None, overrides: list[str]
 
 def save_config(config: TrainConfig, folder: str | Path) -> Path:
     """Write the config next to what it produced, so every checkpoint says how it was made."""
-    path = Path(folder) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = asdict(config)
-    path.write_text(yaml.safe_dump(_plain(data), sort_keys=False), encoding="utf-8")
-    return path
+    return write_text_atomic(Path(folder) / CONFIG_FILE, yaml.safe_dump(_plain(asdict(config)), sort_keys=False))
 
 
 def _plain(value: object) -> object:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,15 +19,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from assistant.errors import one_line
+from assistant.files import partial_dir, publish_dir, write_text_atomic
 from data.errors import DataError
 
 from .checkpoint import Progress, checkpoint_dir, register_trainable_checkpointing
-from .config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, save_config
+from .config import ConfigError, OptimConfig, RunConfig, ScheduleConfig, TrainConfig, save_config
 from .datasets import EpochSampler
 
 METRICS_FILE = "metrics.jsonl"
@@ -238,16 +243,38 @@ def _is_deepspeed(accelerator: Accelerator) -> bool:
 
 
 def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> Path:
+    """Every process writes into `step-N.partial`; the main process renames it once all are done, so a kill
+    mid-save leaves the previous checkpoints as they were and no half-written `step-N` to resume from."""
     folder = checkpoint_dir(config.run.output_dir, step)
+    partial = partial_dir(folder)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
     # DeepSpeed writes the model itself; frozen base weights would make every LoRA checkpoint full-size.
-    accelerator.save_state(str(folder), **({"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}))
+    accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_config(config, folder)
+        save_config(config, partial)
+        publish_dir(partial, folder)
+    accelerator.wait_for_everyone()
     return folder
 
 
+# What reading a checkpoint's files raises when one is missing, truncated or overwritten since it was saved
+# (torch.load's zip reader raises a RuntimeError; out-of-memory, a RuntimeError too, is not damage).
+DAMAGED = (FileNotFoundError, EOFError, pickle.UnpicklingError, SafetensorError, RuntimeError)
+
+
 def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
-    accelerator.load_state(str(folder), **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
+    try:
+        accelerator.load_state(str(folder), **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
+    except torch.OutOfMemoryError:
+        raise
+    except DAMAGED as error:
+        raise ConfigError(
+            f"{folder}: checkpoint is damaged ({one_line(error)}); delete that folder to resume from the one "
+            "before it, or pass --resume with another checkpoint folder"
+        ) from error
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -261,4 +288,4 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # the last line of a run killed while writing it
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -7,13 +7,14 @@ and a second, defect-free plate (different grain) serves as the normal reference
 from __future__ import annotations
 
 import getpass
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..files import atomic_path
 
 EXAMPLES_DIR = Path(tempfile.gettempdir()) / f"anomaly-assistant-examples-{getpass.getuser()}"  # per user: no clashes
 SIZE = (320, 240)  # width, height: small enough to upload and analyse instantly
@@ -57,9 +58,8 @@ def with_stain(plate: Image.Image) -> Image.Image:
 
 def _save(image: Image.Image, path: Path) -> Path:
     """Write atomically, so two app instances starting at once never serve a half-written file."""
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    image.save(partial, format="PNG")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        image.save(partial, format="PNG")
     return path
 
 
