@@ -12,25 +12,11 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
+from .defaults import MODEL_ENV, resolve_model
 from .errors import AssistantError, UsageError, one_line
 
-MODEL_ENV = "ANOMALY_ASSISTANT_MODEL"
 COMMAND_FAMILIES = ("assistant.serve.cli", "eval.cli", "training.cli", "data.cli")
-
-
-def resolve_model(path: str | None) -> Path:
-    """--model, else $ANOMALY_ASSISTANT_MODEL, else the bundled demo model."""
-    from .defaults import default_model_path
-
-    candidate = path or os.environ.get(MODEL_ENV) or default_model_path()
-    if candidate is None:
-        raise UsageError(f"no model given: pass --model PATH, set {MODEL_ENV}, or build the demo model (see README)")
-    candidate = Path(candidate)
-    if not (candidate / "config.json").exists():
-        raise UsageError(f"{candidate}: not a model folder (no config.json)")
-    return candidate
 
 
 def load_engine(args: argparse.Namespace, concurrency: int = 1):

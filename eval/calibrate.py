@@ -67,7 +67,7 @@ def _summary(labels: np.ndarray, probabilities: np.ndarray) -> str:
 def run(args: argparse.Namespace) -> Path:
     from scipy.special import expit
 
-    from assistant.cli import resolve_model
+    from assistant.defaults import resolve_model
     from assistant.files import write_text_atomic
     from data.folder import load_folder
 

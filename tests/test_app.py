@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
-from assistant.cli import MODEL_ENV
+from assistant.defaults import MODEL_ENV
 from assistant.engine import Analysis, Conversation, LocalEngine
 from assistant.errors import UsageError
 from assistant.prompts import INSPECTION_QUESTION

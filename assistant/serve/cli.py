@@ -107,7 +107,7 @@ def usage_banner(args: argparse.Namespace, model: str, vllm: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..checkpoint import is_composed
-    from ..cli import resolve_model
+    from ..defaults import resolve_model
 
     model = str(resolve_model(args.model).resolve())
     if is_composed(model):

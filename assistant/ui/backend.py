@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..cli import MODEL_ENV, resolve_model
-from ..defaults import default_model_path
+from ..defaults import MODEL_ENV, default_model_path, resolve_model
 from ..engine import Engine, LocalEngine
 from ..errors import UsageError
 from ..factory import tiny_assistant
