@@ -66,7 +66,7 @@ def unit_interval(text: str) -> float:
 
 
 def load_clip_expert(args: argparse.Namespace):
-    from .clip_expert import ClipAnomalyExpert
+    from .clip.expert import ClipAnomalyExpert
 
     try:
         return ClipAnomalyExpert.from_spec(args.clip_model, device=args.device, object_name=args.object_name)

@@ -86,7 +86,7 @@ class Conversation:
 
 
 class MapExpert(Protocol):
-    """An external anomaly-map source for the ROI tokens, e.g. `assistant.clip_expert.ClipAnomalyExpert`."""
+    """An external anomaly-map source for the ROI tokens, e.g. `assistant.clip.expert.ClipAnomalyExpert`."""
 
     def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]: ...
 

@@ -73,7 +73,7 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="MVTec AD layout root, or a VisA root with split_csv/1cls.csv")
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument(
-        "--scorers", default="expert", help="comma-separated: expert (our model), clip (assistant.clip_expert)"
+        "--scorers", default="expert", help="comma-separated: expert (our model), clip (assistant.clip.expert)"
     )
     parser.add_argument("--clip-model", help="ClipAnomalyExpert.from_spec spec, required with the clip scorer")
     parser.add_argument(

@@ -1,7 +1,7 @@
 """Anything that scores an image for the zero-shot harness: `score(image, references) -> (score, HxW map)`.
 
 Every row of the zero-shot report comes from one scorer measured by the same code. `expert` is our model's
-expert through any engine (in-process, or our server's /inspect); `clip` is `assistant.clip_expert`, imported
+expert through any engine (in-process, or our server's /inspect); `clip` is `assistant.clip.expert`, imported
 only when asked for.
 """
 
@@ -59,7 +59,7 @@ def scorer_spec(name: str, args: argparse.Namespace) -> str:
 def build_scorer(name: str, args: argparse.Namespace) -> Scorer:
     if name == "expert":
         return ExpertScorer(open_engine(args))
-    from assistant.clip_expert import ClipAnomalyExpert
+    from assistant.clip.expert import ClipAnomalyExpert
 
     try:
         return ClipAnomalyExpert.from_spec(args.clip_model, device=args.device)

@@ -61,7 +61,7 @@ def write_visa(root: Path) -> Path:
 
 
 class BrightnessExpert:
-    """A stand-in for assistant.clip_expert.ClipAnomalyExpert: the scratch is the only pixel brighter than 200."""
+    """A stand-in for assistant.clip.expert.ClipAnomalyExpert: the scratch is the only pixel brighter than 200."""
 
     specs: list[tuple[str, str | None]] = []
 
@@ -77,9 +77,9 @@ class BrightnessExpert:
 
 @pytest.fixture
 def fake_clip(monkeypatch):
-    module = types.ModuleType("assistant.clip_expert")
+    module = types.ModuleType("assistant.clip.expert")
     module.ClipAnomalyExpert = BrightnessExpert
-    monkeypatch.setitem(sys.modules, "assistant.clip_expert", module)
+    monkeypatch.setitem(sys.modules, "assistant.clip.expert", module)
     BrightnessExpert.specs.clear()
     return BrightnessExpert
 
@@ -167,7 +167,7 @@ def test_unknown_scorer_and_clip_without_a_model(tmp_path, capsys):
 
 
 def test_the_real_clip_expert_row_gets_each_category_name(tmp_path, monkeypatch):
-    from assistant.clip_expert import ClipAnomalyExpert
+    from assistant.clip.expert import ClipAnomalyExpert
 
     config = tmp_path / "tiny-eval-clip.json"  # a random 1-layer open_clip ViT: wiring, not accuracy
     config.write_text(

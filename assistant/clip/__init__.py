@@ -1,1 +1,1 @@
-"""Building blocks of the training-free CLIP expert (`assistant.clip_expert.ClipAnomalyExpert`)."""
+"""The training-free CLIP expert (`assistant.clip.expert.ClipAnomalyExpert`) and its building blocks."""

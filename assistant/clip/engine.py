@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..clip_expert import ClipAnomalyExpert
+from .expert import ClipAnomalyExpert
 from ..config import RoiConfig
 from ..engine import Analysis, Conversation, Engine
 from ..image_io import ImageInput, load_image, load_references

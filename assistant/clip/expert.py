@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-from .clip.loading import load_clip
-from .clip.prompts import class_prompts
-from .clip.windows import harmonic_aggregate, harmonic_mean, window_indices
-from .heatmap import resize_map
-from .image_io import ImageInput, load_image
+from ..heatmap import resize_map
+from ..image_io import ImageInput, load_image
+from .loading import load_clip
+from .prompts import class_prompts
+from .windows import harmonic_aggregate, harmonic_mean, window_indices
 
 
 @dataclass
