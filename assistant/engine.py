@@ -85,8 +85,9 @@ class Conversation:
         return chat
 
 
-class MapExpert(Protocol):
-    """An external anomaly-map source for the ROI tokens, e.g. `assistant.clip.expert.ClipAnomalyExpert`."""
+class Scorer(Protocol):
+    """Anything that scores an image: `score(image, references) -> (score, HxW map)`. An external anomaly-map
+    source for the ROI tokens (e.g. `assistant.clip.expert.ClipAnomalyExpert`), and a row of the zero-shot report."""
 
     def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]: ...
 
@@ -152,7 +153,7 @@ class LocalEngine:
         model: AssistantForConditionalGeneration,
         processor: AssistantProcessor,
         cache_size: int = 8,
-        roi_expert: MapExpert | None = None,
+        roi_expert: Scorer | None = None,
     ):
         if model.config.roi_config.map_source == "external" and roi_expert is None:
             raise ValueError(
@@ -172,7 +173,7 @@ class LocalEngine:
         path: str | Path,
         device: str | None = None,
         dtype: torch.dtype | None = None,
-        roi_expert: MapExpert | None = None,
+        roi_expert: Scorer | None = None,
         map_source: Literal["expert", "external"] | None = None,
     ) -> LocalEngine:
         """Load a checkpoint folder (plain or composed, see `checkpoint.py`); `map_source` overrides the config's

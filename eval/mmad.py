@@ -19,7 +19,7 @@ from assistant.image_io import load_image
 from data.files import check_files_exist
 
 from .backends import batch_size, model_label, model_slug, open_engine
-from .mmad_data import MMADItem, load_mmad, official_view, prompt, question_items
+from .mmad_data import MMADItem, load_mmad, mmad_view, prompt, question_items
 from .mmad_scoring import (
     SUBTASKS,
     Graded,
@@ -58,7 +58,7 @@ def _answer_batch(
 ) -> Callable[[list[MMADItem]], list[MMADAnswer]]:
     def view(path: str, loaded: dict[str, Image.Image]) -> Image.Image:
         if path not in loaded:  # a template shared by the batch's questions is read once
-            loaded[path] = official_view(load_image(root / path, path), args.max_side)
+            loaded[path] = mmad_view(load_image(root / path, path), args.max_side)
         return loaded[path]
 
     def process(batch: list[MMADItem]) -> list[MMADAnswer]:

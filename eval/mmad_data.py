@@ -115,7 +115,7 @@ def prompt(question: str, options: dict[str, str]) -> str:
     return f"{INSTRUCTION}\nFollowing is new question list: \n{question} \n{lines}"
 
 
-def official_view(image: Image.Image, max_side: int) -> Image.Image:
+def mmad_view(image: Image.Image, max_side: int) -> Image.Image:
     """What the official scripts feed every model: fitted into max_side x max_side (INTER_AREA, may upscale),
     then JPEG re-encoded (OpenCV defaults). `max_side` 0 keeps the original pixels."""
     if max_side <= 0:

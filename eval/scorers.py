@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from assistant.errors import UsageError
-from assistant.engine import Engine
+from assistant.engine import Engine, Scorer
 
 from .backends import model_label, open_engine
 
 SCORERS = ("expert", "clip")
-
-
-class Scorer(Protocol):
-    def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]: ...
 
 
 class ExpertScorer:

@@ -31,7 +31,7 @@ from .records import AnswerLog, R, check_settings
 from .report import CHART_FILE, bar_chart, fmt, markdown_table, write_report
 from .runner import run_pending
 from .text_metrics import JUDGE_PROMPT, judge_prompt, judge_score
-from .visa_dr_data import SKIPPED_IN_REASONING, DetectionItem, Item, ReasoningItem, category, load_items, official_view
+from .visa_dr_data import SKIPPED_IN_REASONING, DetectionItem, Item, ReasoningItem, category, load_items, visa_dr_view
 from .visa_dr_scoring import (
     DETECTION_METRICS,
     DetectionAnswer,
@@ -44,7 +44,7 @@ from .visa_dr_scoring import (
 
 
 def _images(root: Path) -> Callable[[str], Image.Image]:
-    return lambda path: official_view(load_image(root / path, path))
+    return lambda path: visa_dr_view(load_image(root / path, path))
 
 
 def _detect(

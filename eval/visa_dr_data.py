@@ -82,7 +82,7 @@ def load_items(path: str | Path, schema: type[Item], limit: int | None = None) -
     return items
 
 
-def official_view(image: Image.Image) -> Image.Image:
+def visa_dr_view(image: Image.Image) -> Image.Image:
     """Shrink so the long side is at most 1024 px (PIL's default filter), as the official scripts do."""
     if max(image.size) <= MAX_SIDE:
         return image

@@ -10,7 +10,7 @@ import pytest
 from assistant.cli import main
 from assistant.engine import LocalEngine
 from eval.mmad import ANSWERS_FILE, MMADAnswer
-from eval.mmad_data import load_mmad, official_view, prompt, question_items
+from eval.mmad_data import load_mmad, mmad_view, prompt, question_items
 from eval.mmad_scoring import Graded, official_filter, official_letter, strict_letter, summarize
 from eval.records import AnswerLog
 from tests.helpers import defect_image
@@ -103,10 +103,10 @@ def test_prompt_has_the_official_instruction_and_letter_lines():
     assert text.endswith("Following is new question list: \nIs there any defect? \nA. No.\nB. Yes.\n")
 
 
-def test_official_view_fits_512_and_may_upscale():
-    assert official_view(defect_image(100, 200), 512).size == (512, 256)
-    assert official_view(defect_image(1000, 500), 512).size == (256, 512)
-    assert official_view(defect_image(40, 50), 0).size == (50, 40)
+def test_mmad_view_fits_512_and_may_upscale():
+    assert mmad_view(defect_image(100, 200), 512).size == (512, 256)
+    assert mmad_view(defect_image(1000, 500), 512).size == (256, 512)
+    assert mmad_view(defect_image(40, 50), 0).size == (50, 40)
 
 
 @pytest.mark.parametrize(
