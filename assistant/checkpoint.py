@@ -26,7 +26,12 @@ from .processing import AssistantProcessor
 
 BASE_LLM_FILE = "base_llm.json"
 IMAGE_SIDE_FILE = "image_side.safetensors"
-IMAGE_SIDE_PREFIXES = ("model.vision_tower.", "model.anomaly_expert.", "model.multi_modal_projector.", "model.image_newline")
+IMAGE_SIDE_PREFIXES = (
+    "model.vision_tower.",
+    "model.anomaly_expert.",
+    "model.multi_modal_projector.",
+    "model.image_newline",
+)
 LLM_PREFIX = "model.language_model."
 
 
@@ -100,10 +105,14 @@ def load_base_llm(model: AssistantForConditionalGeneration, base: BaseLLM) -> No
                 target.zero_()
                 target[: value.shape[0]].copy_(value)
             else:
-                raise CheckpointError(f"base LLM tensor {key} has shape {tuple(value.shape)}, the model {tuple(target.shape)}")
+                raise CheckpointError(
+                    f"base LLM tensor {key} has shape {tuple(value.shape)}, the model {tuple(target.shape)}"
+                )
 
 
-def image_side_state(model: AssistantForConditionalGeneration, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def image_side_state(
+    model: AssistantForConditionalGeneration, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
     return {
         key: value.detach().to("cpu", dtype).contiguous()
         for key, value in model.state_dict().items()

@@ -105,8 +105,8 @@ def inspection_engine(args: argparse.Namespace):
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .engine import inspect
-    from .prompts import INSPECTION_QUESTION
     from .image_io import load_image
+    from .prompts import INSPECTION_QUESTION
 
     image = load_image(args.image)
     references = [load_image(r) for r in args.reference]

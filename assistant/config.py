@@ -41,7 +41,9 @@ class ExpertConfig:
     def __post_init__(self) -> None:
         low, high = self.suspicion_thresholds
         if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"suspicion_thresholds must satisfy 0 <= low <= high <= 1, got {self.suspicion_thresholds}")
+            raise ValueError(
+                f"suspicion_thresholds must satisfy 0 <= low <= high <= 1, got {self.suspicion_thresholds}"
+            )
         if self.pooled_side < 1:
             raise ValueError("pooled_side must be >= 1")
 

@@ -19,6 +19,7 @@ from .errors import AssistantError
 from .expert import AnomalyExpert
 from .factory import create_assistant
 
+
 class ConversionError(AssistantError, ValueError):
     """An official checkpoint that is missing or does not fit the assistant's layout."""
 
@@ -82,7 +83,8 @@ def expert_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     if unknown:
         raise ValueError(f"keys with no official counterpart: {unknown[:8]}")
     return {
-        reverse[key]: tensor.reshape(1, -1) if reverse[key] in _EMBEDDINGS else tensor for key, tensor in state_dict.items()
+        reverse[key]: tensor.reshape(1, -1) if reverse[key] in _EMBEDDINGS else tensor
+        for key, tensor in state_dict.items()
     }
 
 
@@ -152,7 +154,8 @@ def from_llava_onevision(
     )
     if model.config.image_token_id != config.image_token_id:
         raise ConversionError(
-            f"tokenizer's <image> id {model.config.image_token_id} differs from the checkpoint's {config.image_token_id}"
+            f"tokenizer's <image> id {model.config.image_token_id} differs from "
+            f"the checkpoint's {config.image_token_id}"
         )
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     missing = [key for key in missing if not key.startswith("model.anomaly_expert.")]

@@ -30,7 +30,6 @@ from .prompts import DEFECT_QUESTION, INSPECTION_QUESTION, REFERENCE_INTRO
 from .verdict import Box, Verdict
 
 
-
 @dataclass
 class Analysis:
     """The expert's view of one query image at the image's own resolution."""
@@ -79,7 +78,11 @@ class Conversation:
         for index, message in enumerate(self.messages):
             content: list[dict] = [{"type": "text", "text": message["content"]}]
             if index == 0 and self.images:
-                intro = [{"type": "text", "text": REFERENCE_INTRO.format(n=len(self.references)) + "\n"}] if self.references else []
+                intro = (
+                    [{"type": "text", "text": REFERENCE_INTRO.format(n=len(self.references)) + "\n"}]
+                    if self.references
+                    else []
+                )
                 content = intro + [{"type": "image"} for _ in self.images] + content
             chat.append({"role": message["role"], "content": content})
         return chat
@@ -99,7 +102,9 @@ class Engine(Protocol):
 
     def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]: ...
 
-    def choice_probabilities(self, conversations: Sequence[Conversation], choices: Sequence[str]) -> list[dict[str, float]]: ...
+    def choice_probabilities(
+        self, conversations: Sequence[Conversation], choices: Sequence[str]
+    ) -> list[dict[str, float]]: ...
 
 
 def inspect(
@@ -237,7 +242,10 @@ class LocalEngine:
     # -- text -----------------------------------------------------------------------------------------
     def _prompt_embeddings(self, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input embeddings with every conversation's cached image embeddings merged in."""
-        texts = [self.processor.apply_chat_template(c.chat(), add_generation_prompt=True, tokenize=False) for c in conversations]
+        texts = [
+            self.processor.apply_chat_template(c.chat(), add_generation_prompt=True, tokenize=False)
+            for c in conversations
+        ]
         sizes = [[(im.height, im.width) for im in c.images] for c in conversations]
         batch = self.processor.tokenize(texts, sizes, padding_side="left")
         input_ids = batch["input_ids"].to(self.device)
@@ -260,7 +268,9 @@ class LocalEngine:
         """Greedy answers for a batch of conversations (one padded generate call)."""
         with self._lock, torch.inference_mode():
             embeds, mask = self._prompt_embeddings(conversations)
-            tokens = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generation_kwargs(max_new_tokens))
+            tokens = self.model.generate(
+                inputs_embeds=embeds, attention_mask=mask, **self._generation_kwargs(max_new_tokens)
+            )
         return self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
@@ -300,7 +310,9 @@ class LocalEngine:
         if errors:
             raise errors[0]
 
-    def choice_probabilities(self, conversations: Sequence[Conversation], choices: Sequence[str]) -> list[dict[str, float]]:
+    def choice_probabilities(
+        self, conversations: Sequence[Conversation], choices: Sequence[str]
+    ) -> list[dict[str, float]]:
         """Probabilities of each choice's first token as the next token, renormalised over the choices.
 
         This is how a chat answer gets a ranking score (e.g. P(Yes) for image AUROC).
@@ -312,6 +324,8 @@ class LocalEngine:
         with self._lock, torch.inference_mode():
             embeds, mask = self._prompt_embeddings(conversations)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+            logits = self.model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits
         probs = logits[:, -1, choice_ids].float().softmax(-1).cpu()
         return [dict(zip(choices, row.tolist())) for row in probs]

@@ -39,7 +39,9 @@ def _first_crop_index(crops_per_image: list[int], device: torch.device) -> torch
 
 
 def _image_index(crops_per_image: list[int], device: torch.device) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(len(crops_per_image), device=device), torch.tensor(crops_per_image, device=device))
+    return torch.repeat_interleave(
+        torch.arange(len(crops_per_image), device=device), torch.tensor(crops_per_image, device=device)
+    )
 
 
 class LookTwiceFeatureMatching(nn.Module):

@@ -168,10 +168,23 @@ def tiny_assistant(
     `roi`: on/off, or RoiConfig fields (ROI source images default to 224 px here).
     """
     tokenizer = tiny_tokenizer()
-    expert = {"feature_layers": [1, 2, 3, 4], "embedding_dim": 32, "class_dim": 32, "attention_dim": 32, "predictor_dim": 32, **(expert or {})}
+    expert = {
+        "feature_layers": [1, 2, 3, 4],
+        "embedding_dim": 32,
+        "class_dim": 32,
+        "attention_dim": 32,
+        "predictor_dim": 32,
+        **(expert or {}),
+    }
     roi_config = {"source_max_side": 224, **(roi if isinstance(roi, dict) else {"enabled": roi})}
     return create_assistant(
-        tiny_vision_config(), tiny_text_config(text_model), tokenizer, seed=seed, expert=expert, roi=roi_config, **config_kwargs
+        tiny_vision_config(),
+        tiny_text_config(text_model),
+        tokenizer,
+        seed=seed,
+        expert=expert,
+        roi=roi_config,
+        **config_kwargs,
     )
 
 

@@ -42,7 +42,8 @@ def crop_targets(mask: torch.Tensor, image_size: tuple[int, int], grid: tuple[in
     if rows * cols == 0:
         return base
     tiles = torch.zeros(rows * side, cols * side, device=mask.device)
-    content = tiles[tile_content(tiles.shape, image_size, keep_one=True)]  # a view: writing it fills the unpadded region
+    # a view: writing it fills the unpadded region
+    content = tiles[tile_content(tiles.shape, image_size, keep_one=True)]
     content.copy_(F.adaptive_max_pool2d(source, tuple(content.shape))[0, 0])
     tiles = tiles.view(rows, side, cols, side).permute(0, 2, 1, 3).reshape(rows * cols, side, side)
     return torch.cat([base, tiles])

@@ -79,9 +79,13 @@ def _group_images(texts: list[str], images: object) -> list[list[ImageInput]]:
             groups.append(list(images[start : start + count]))
             start += count
         if start != len(images):
-            raise ValueError(f"the text has {sum(counts)} {IMAGE_TOKEN} placeholders but {len(images)} images were given")
+            raise ValueError(
+                f"the text has {sum(counts)} {IMAGE_TOKEN} placeholders but {len(images)} images were given"
+            )
     if len(groups) != len(texts) or [len(g) for g in groups] != counts:
-        raise ValueError(f"{IMAGE_TOKEN} placeholders per text {counts} do not match images per text {[len(g) for g in groups]}")
+        raise ValueError(
+            f"{IMAGE_TOKEN} placeholders per text {counts} do not match images per text {[len(g) for g in groups]}"
+        )
     return groups
 
 
@@ -143,7 +147,10 @@ class AssistantProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("text is required (apply the chat template first)")
         texts = [text] if isinstance(text, str) else list(text)
-        groups = [[load_image(image, name=f"image {i + 1}") for i, image in enumerate(group)] for group in _group_images(texts, images)]
+        groups = [
+            [load_image(image, name=f"image {i + 1}") for i, image in enumerate(group)]
+            for group in _group_images(texts, images)
+        ]
         data = self.tokenize(texts, [[(im.height, im.width) for im in group] for group in groups], padding_side)
         if any(groups):
             data.update(self.preprocess_images(groups, roi_maps))

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assistant.client import to_messages  # noqa: E402
 from assistant.engine import Conversation, LocalEngine  # noqa: E402
-from assistant.prompts import INSPECTION_QUESTION  # noqa: E402
 from assistant.factory import save_assistant, tiny_assistant  # noqa: E402
+from assistant.prompts import INSPECTION_QUESTION  # noqa: E402
 from assistant.serve.process import ServerProcess  # noqa: E402
 from data.synthetic import normal_part  # noqa: E402
 

@@ -70,14 +70,16 @@ class Result:
     def row(self) -> str:
         allocated = "n/a" if self.peak_allocated_gb is None else f"{self.peak_allocated_gb:.1f}"
         return (
-            f"| {self.name} | {self.total_params / 1e6:,.3g} M | {self.trainable_params / 1e6:,.3g} M | {self.tokens:,} "
+            f"| {self.name} | {self.total_params / 1e6:,.3g} M | {self.trainable_params / 1e6:,.3g} M "
+            f"| {self.tokens:,} "
             f"| {self.labelled:,} | {self.step_seconds:.3f} | {self.tokens / self.step_seconds:,.0f} "
             f"| {allocated} | {self.peak_reserved_gb:.1f} |"
         )
 
 
 HEADER = (
-    "| case | params | trainable | tokens/step | labelled | step (s) | tokens/s | peak alloc (GB) | peak reserved (GB) |\n"
+    "| case | params | trainable | tokens/step | labelled | step (s) | tokens/s "
+    "| peak alloc (GB) | peak reserved (GB) |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -105,7 +107,10 @@ def conversation(processor, image_size: int, answer_tokens: int) -> tuple[list[d
     ids = processor.tokenizer.encode(sentence * (answer_tokens // 8 + 1), add_special_tokens=False)[:answer_tokens]
     answer = processor.tokenizer.decode(ids)
     image, _ = normal_part("textile", image_size, seed=0)
-    messages = [{"role": "user", "content": "<image>\nDescribe any defect and where it is."}, {"role": "assistant", "content": answer}]
+    messages = [
+        {"role": "user", "content": "<image>\nDescribe any defect and where it is."},
+        {"role": "assistant", "content": answer},
+    ]
     return messages, [image]
 
 
@@ -115,7 +120,9 @@ def peak_memory(cuda: bool) -> tuple[float | None, float]:
     return None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
 
 
-def measure(name: str, config: InstructTrainConfig, image_size: int, answer_tokens: int, steps: int, warmup: int) -> Result:
+def measure(
+    name: str, config: InstructTrainConfig, image_size: int, answer_tokens: int, steps: int, warmup: int
+) -> Result:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
@@ -157,7 +164,9 @@ def measure(name: str, config: InstructTrainConfig, image_size: int, answer_toke
     return result
 
 
-def case_config(source: ModelSource, qlora: bool, rank: int, gradient_checkpointing: bool, cuda: bool) -> InstructTrainConfig:
+def case_config(
+    source: ModelSource, qlora: bool, rank: int, gradient_checkpointing: bool, cuda: bool
+) -> InstructTrainConfig:
     return InstructTrainConfig(
         model=source,
         data=InstructData(json_path="unused.json"),  # the benchmark feeds its own batch
@@ -206,7 +215,9 @@ def main(argv: list[str] | None = None) -> str:
     else:
         device = f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; no CUDA: QLoRA cases skipped"
         results = cpu_results(args)
-    table = "\n".join([f"{device}; {args.steps} timed steps after {args.warmup} warm-up", HEADER, *(r.row() for r in results)])
+    table = "\n".join(
+        [f"{device}; {args.steps} timed steps after {args.warmup} warm-up", HEADER, *(r.row() for r in results)]
+    )
     print(table)
     return table
 

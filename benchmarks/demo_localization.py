@@ -53,7 +53,10 @@ def main() -> None:
         print(f"| peak within {radius} px of the speck | {np.mean(distances <= radius):.0%} |")
     print(f"| an ROI box contains the speck | {np.mean(in_box):.0%} |")
     if flagged.any():
-        print(f"| ... of the flagged ones | {np.mean(in_box[flagged]):.0%} ({in_box[flagged].sum()} of {flagged.sum()}) |")
+        print(
+            f"| ... of the flagged ones | {np.mean(in_box[flagged]):.0%} "
+            f"({in_box[flagged].sum()} of {flagged.sum()}) |"
+        )
     print(f"| verdict says anomalous | {np.mean(flagged):.0%} |")
 
 

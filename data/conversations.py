@@ -24,7 +24,11 @@ from .folder import LabelledImage
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 
-DESCRIBE_DEFECT = ("Describe the defect and where it is.", "What is wrong with this {category}?", "Please describe the anomaly in detail.")
+DESCRIBE_DEFECT = (
+    "Describe the defect and where it is.",
+    "What is wrong with this {category}?",
+    "Please describe the anomaly in detail.",
+)
 DESCRIBE_NORMAL = ("Describe the {category} in the image.", "Is there anything unusual about this {category}?")
 
 
@@ -47,7 +51,12 @@ class DefectRegion:
 
     @property
     def size(self) -> str:
-        return "tiny" if self.area < 0.01 else "small" if self.area < 0.05 else "medium-sized" if self.area < 0.15 else "large"
+        return (
+            "tiny" if self.area < 0.01
+            else "small" if self.area < 0.05
+            else "medium-sized" if self.area < 0.15
+            else "large"
+        )
 
 
 def defect_region(mask: np.ndarray) -> DefectRegion | None:
@@ -68,23 +77,40 @@ def _category_words(category: str) -> str:
     return category.replace("_", " ")
 
 
-def anomalous_turns(defect: str, category: str, region: DefectRegion | None, rng: random.Random, follow_ups: int) -> list[dict]:
+def anomalous_turns(
+    defect: str, category: str, region: DefectRegion | None, rng: random.Random, follow_ups: int
+) -> list[dict]:
     where = f", in the {region.location} of the image" if region else ""
     description = f"There is a {region.size + ' ' if region else ''}{defect} on the {category}{where}."
     turns = _turn(rng.choice(DESCRIBE_DEFECT).format(category=category), description)
     extra = [(DEFECT_QUESTION, f"It is {'an' if defect[0] in 'aeiou' else 'a'} {defect}.")]
-    extra.append(("Should this part pass inspection?", f"No. The {defect} is a defect, so the {category} should be rejected."))
+    extra.append(
+        ("Should this part pass inspection?", f"No. The {defect} is a defect, so the {category} should be rejected.")
+    )
     if region:
         centre_x, centre_y = (region.box[0] + region.box[2]) / 2, (region.box[1] + region.box[3]) / 2
-        extra.append(("Where exactly is the defect?", f"In the {region.location} of the image, around {centre_x:.0%} of the width and {centre_y:.0%} of the height."))
-        extra.append(("How large is the defect?", f"It is {region.size}: it covers about {max(region.area, 0.001):.1%} of the image."))
+        extra.append(
+            (
+                "Where exactly is the defect?",
+                f"In the {region.location} of the image, around {centre_x:.0%} of the width "
+                f"and {centre_y:.0%} of the height.",
+            )
+        )
+        extra.append(
+            (
+                "How large is the defect?",
+                f"It is {region.size}: it covers about {max(region.area, 0.001):.1%} of the image.",
+            )
+        )
     for question, answer in rng.sample(extra, min(follow_ups, len(extra))):
         turns += _turn(question, answer)
     return turns
 
 
 def normal_turns(category: str, rng: random.Random, follow_ups: int) -> list[dict]:
-    turns = _turn(rng.choice(DESCRIBE_NORMAL).format(category=category), f"The {category} looks normal: I see no defect.")
+    turns = _turn(
+        rng.choice(DESCRIBE_NORMAL).format(category=category), f"The {category} looks normal: I see no defect."
+    )
     extra = [
         ("Should this part pass inspection?", f"Yes. The {category} has no visible defect."),
         ("Is there a scratch, stain or missing part?", "No, none of them is visible."),
@@ -115,7 +141,12 @@ def conversation_record(image: LabelledImage, root: Path, rng: random.Random, fo
     else:
         turns += normal_turns(category, rng, follow_ups)
     relative = image.image.relative_to(root)
-    record = {"id": str(relative.with_suffix("")), "image": str(relative), "conversations": turns, "label": int(image.anomalous)}
+    record = {
+        "id": str(relative.with_suffix("")),
+        "image": str(relative),
+        "conversations": turns,
+        "label": int(image.anomalous),
+    }
     if image.mask:
         record["mask"] = str(image.mask.relative_to(root))
     return record

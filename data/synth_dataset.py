@@ -44,9 +44,15 @@ def write_synthetic_dataset(root: str | Path, spec: SynthSpec) -> list[LabelledI
             return spec.seed * 1_000_003 + c * 100_003 + group * 10_007 + index
 
         for index in range(spec.train_good):
-            _save(normal_part(category, spec.size, seed(0, index))[0], root / category / "train" / "good" / f"{index:03d}.png")
+            _save(
+                normal_part(category, spec.size, seed(0, index))[0],
+                root / category / "train" / "good" / f"{index:03d}.png",
+            )
         for index in range(spec.test_good):
-            _save(normal_part(category, spec.size, seed(1, index))[0], root / category / "test" / "good" / f"{index:03d}.png")
+            _save(
+                normal_part(category, spec.size, seed(1, index))[0],
+                root / category / "test" / "good" / f"{index:03d}.png",
+            )
         for k, kind in enumerate(spec.kinds):
             for index in range(spec.test_defective):
                 base, part = normal_part(category, spec.size, seed(2 + k, index))

@@ -131,7 +131,9 @@ def speckle(image: Image.Image, rng: np.random.Generator) -> Defect:
     inside = mask > 0
     density = rng.uniform(0.5, 0.9)  # share of the patch's pixels that turn into noise
     noisy = inside & (rng.random((height, width)) < density)
-    values = np.where(rng.random((height, width)) < 0.5, rng.uniform(0, 60, (height, width)), rng.uniform(190, 255, (height, width)))
+    values = np.where(
+        rng.random((height, width)) < 0.5, rng.uniform(0, 60, (height, width)), rng.uniform(190, 255, (height, width))
+    )
     return _result(np.where(noisy[..., None], values[..., None], pixels), inside)
 
 
@@ -159,7 +161,9 @@ def synthesize_defect(
         defective, mask = DEFECT_GENERATORS[chosen](image, rng)
         if region is not None:
             mask = np.where(region, mask, 0).astype(np.uint8)
-            defective = Image.fromarray(np.where(mask[..., None] > 0, np.asarray(defective), np.asarray(image.convert("RGB"))))
+            defective = Image.fromarray(
+                np.where(mask[..., None] > 0, np.asarray(defective), np.asarray(image.convert("RGB")))
+            )
         if mask.any():
             return defective, mask, chosen
     raise RuntimeError(f"could not draw a non-empty {kind or 'random'} defect (image {image.size})")

@@ -128,7 +128,9 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=("mvtec", "visa"), default="mvtec")
     parser.add_argument("--split", choices=("train", "test", "all"), default="train")
     parser.add_argument("--categories", help="comma-separated subset of categories")
-    parser.add_argument("--write", action="store_true", help="store the fitted scale and shift in the model's config.json")
+    parser.add_argument(
+        "--write", action="store_true", help="store the fitted scale and shift in the model's config.json"
+    )
     add_model_arguments(parser)
 
 

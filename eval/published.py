@@ -54,9 +54,14 @@ VISA_DR = _rows(
 # categories (e.g. the demo's textile set) is not comparable.
 BENCHMARK_CATEGORIES = {
     "mvtec": frozenset(
-        "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper".split()
+        (
+            "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush "
+            "transistor wood zipper"
+        ).split()
     ),
-    "visa": frozenset("candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum".split()),
+    "visa": frozenset(
+        "candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum".split()
+    ),
 }
 
 ZERO_SHOT_IMAGE_AUROC = _rows(

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from assistant.errors import UsageError
 from assistant.engine import Engine, Scorer
+from assistant.errors import UsageError
 
 from .backends import model_label, open_engine
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from assistant.cli import check_backend
 from assistant.engine import Conversation, Engine
-from assistant.prompts import DETECTION_QUESTION
 from assistant.image_io import load_image
+from assistant.prompts import DETECTION_QUESTION
 from data.errors import DataError
 from data.files import check_files_exist
 
@@ -215,7 +215,9 @@ def write_visa_dr_report(
     series: dict[str, list[float | None]] = {}
     if detection:
         macro = detection["Macro"]
-        published = [[f"{p.model} (published)", *(fmt(p.values[m]) for m in DETECTION_METRICS), "-"] for p in comparable]
+        published = [
+            [f"{p.model} (published)", *(fmt(p.values[m]) for m in DETECTION_METRICS), "-"] for p in comparable
+        ]
         ours = [label, *(fmt(macro[m]) for m in DETECTION_METRICS), fmt(macro["AUROC"])]
         sections += [
             "## Detection (macro over classes)",

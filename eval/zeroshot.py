@@ -212,8 +212,9 @@ def write_zeroshot_report(
         markdown_table(["Scorer", *metrics], rows),
         "Image-level metrics only (--image-only: the test set has no pixel masks)."
         if settings.get("image_only")
-        else f"Pixel metrics at the mask resolution shrunk to {settings['pixel_size'] or 'full'} px on the long side (maps "
-        "bilinear, masks nearest), exact (every score is a threshold). AUPRO integrates the per-region overlap up to "
+        else f"Pixel metrics at the mask resolution shrunk to {settings['pixel_size'] or 'full'} px on the long side "
+        "(maps bilinear, masks nearest), exact (every score is a threshold). "
+        "AUPRO integrates the per-region overlap up to "
         "FPR 0.3 and divides by 0.3. F1-max picks its threshold on the test data (optimistic).",
     ]
     undefined = _undefined(results, metrics)

@@ -50,7 +50,10 @@ def page(browser, app_url):
     context = browser.new_context(viewport={"width": 1400, "height": 1100})
     page = context.new_page()
     off_machine: list[str] = []
-    page.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else off_machine.append(r.url))
+    page.on(
+        "request",
+        lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else off_machine.append(r.url),
+    )
     page.goto(app_url, wait_until="load")  # never "networkidle": Gradio keeps an event stream open
     playwright.expect(page.locator("#chatbot")).to_be_visible(timeout=30_000)
     yield page

@@ -23,7 +23,9 @@ def inputs_for(processor):
 
 def test_composed_round_trip_gives_the_trained_model(tmp_path, monkeypatch):
     model, processor = tiny_assistant(seed=3)
-    base_llm = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
+    base_llm = {
+        k: v.clone() for k, v in model.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))
+    }
     trained = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)
     with torch.no_grad():

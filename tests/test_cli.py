@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from assistant.cli import main
-from assistant.engine import LocalEngine, inspect
-from assistant.serve.process import free_port
 from assistant.client import data_url
+from assistant.engine import LocalEngine, inspect
 from assistant.image_io import load_image
+from assistant.serve.process import free_port
 from tests.helpers import ROOT, defect_image, stub_answer, stub_verdict
 
 HEAVY_MODULES = ("torch", "transformers", "sklearn", "gradio", "open_clip", "vllm")
@@ -84,7 +84,10 @@ def bad_inputs(tmp_path, tiny_path) -> dict[str, tuple[list[str], str]]:
             f"cannot reach {closed}",
         ),
         "inspect endpoint flags": (
-            ["inspect", str(part), "--endpoint", closed, "--served-model", "m", "--expert", "clip", "--clip-model", "x"],
+            [
+                "inspect", str(part), "--endpoint", closed, "--served-model", "m",
+                "--expert", "clip", "--clip-model", "x",
+            ],
             "drop the CLIP options",
         ),
     }

@@ -15,10 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from assistant.cli import main
+from assistant.clip.expert import ClipAnomalyExpert
 from assistant.clip.loading import ClipSpec, parse_spec
 from assistant.clip.prompts import TEMPLATES, class_prompts
 from assistant.clip.windows import harmonic_aggregate, window_indices
-from assistant.clip.expert import ClipAnomalyExpert
 from assistant.engine import Conversation, LocalEngine
 from assistant.prompts import INSPECTION_QUESTION
 from assistant.verdict import Verdict

@@ -62,7 +62,9 @@ def test_load_official_expert_file_strictly(tiny, tmp_path):
     path = tmp_path / "pretrained_expert_05b.pth"
     torch.save({"module." + k: v for k, v in official_expert_state().items()}, path)
     load_official_expert(model.anomaly_expert, path)
-    assert torch.equal(model.anomaly_expert.ltfm.token_pooling.weight, official_expert_state()["pooling_layer.0.weight"])
+    assert torch.equal(
+        model.anomaly_expert.ltfm.token_pooling.weight, official_expert_state()["pooling_layer.0.weight"]
+    )
 
     broken = official_expert_state()
     broken["unknown_layer.weight"] = torch.zeros(1)

@@ -52,10 +52,15 @@ def test_visa_layout_with_defect_names(tmp_path):
     with (tmp_path / "split_csv" / "1cls.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
     with (tmp_path / "candle" / "image_anno.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows([["image", "label", "mask"], ["candle/Data/Images/Anomaly/0001.JPG", "chunk_of_wax_missing", ""]])
+        csv.writer(handle).writerows(
+            [["image", "label", "mask"], ["candle/Data/Images/Anomaly/0001.JPG", "chunk_of_wax_missing", ""]]
+        )
 
     images = load_folder(tmp_path, "visa", "all")
-    assert [(i.split, i.anomalous, i.defect) for i in images] == [("train", False, None), ("test", True, "chunk of wax missing")]
+    assert [(i.split, i.anomalous, i.defect) for i in images] == [
+        ("train", False, None),
+        ("test", True, "chunk of wax missing"),
+    ]
     assert images[1].mask == tmp_path / "candle" / "Data" / "Masks" / "Anomaly" / "0001.png"
     assert [i.split for i in load_folder(tmp_path, "visa", "test")] == ["test"]
 

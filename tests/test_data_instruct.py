@@ -69,7 +69,11 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
 def test_malformed_records_are_named_by_index_and_id(tmp_path):
     records = [
         record(0),
-        {"id": "no-answer", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "human", "value": "q"}]},
+        {
+            "id": "no-answer",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "human", "value": "q"}],
+        },
         {"id": "bad-speaker", "conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]},
         record(3, image=["a.png", "b.png"], turns=(("<image>\nq", "a"),)),
     ]

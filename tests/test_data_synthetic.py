@@ -39,11 +39,21 @@ def test_perlin_noise_is_smooth_and_bounded():
 
 
 def test_synthetic_dataset_in_mvtec_layout(tmp_path):
-    spec = SynthSpec(categories=["pill"], train_good=2, test_good=1, test_defective=1, kinds=["scratch", "stain"], size=32)
+    spec = SynthSpec(
+        categories=["pill"], train_good=2, test_good=1, test_defective=1, kinds=["scratch", "stain"], size=32
+    )
     images = write_synthetic_dataset(tmp_path, spec)
-    assert [(i.split, i.defect) for i in images] == [("train", None), ("train", None), ("test", None), ("test", "scratch"), ("test", "stain")]
+    assert [(i.split, i.defect) for i in images] == [
+        ("train", None),
+        ("train", None),
+        ("test", None),
+        ("test", "scratch"),
+        ("test", "stain"),
+    ]
     assert (tmp_path / "pill" / "ground_truth" / "stain" / "000_mask.png").is_file()
     assert all((i.mask is not None) == i.anomalous for i in images)
     again = write_synthetic_dataset(tmp_path / "again", spec)
-    assert (tmp_path / "pill/test/stain/000.png").read_bytes() == (tmp_path / "again/pill/test/stain/000.png").read_bytes()
+    assert (tmp_path / "pill/test/stain/000.png").read_bytes() == (
+        (tmp_path / "again/pill/test/stain/000.png").read_bytes()
+    )
     assert len(again) == len(images)

@@ -40,7 +40,9 @@ def held_out() -> dict[str, list]:
 
 
 def test_expert_scores_separate_held_out_defects(engine, held_out):
-    scores = {folder: np.array([engine.analyze(image).score for image in images]) for folder, images in held_out.items()}
+    scores = {
+        folder: np.array([engine.analyze(image).score for image in images]) for folder, images in held_out.items()
+    }
     normal = scores["good"]
     defects = np.concatenate([scores["local_defect"], scores["global_defect"]])
     overall = roc_auc_score([0] * len(normal) + [1] * len(defects), np.concatenate([normal, defects]))

@@ -99,7 +99,12 @@ def test_anomalous_verdict_names_boxes_and_defect(tiny_path, monkeypatch):
 
 def test_cli_inspect_prints_a_valid_verdict_json(tiny_path, image_file, capsys, tmp_path):
     overlay = tmp_path / "overlay.png"
-    code = main(["inspect", image_file, "--model", str(tiny_path), "--json", "--max-new-tokens", "4", "--heatmap-out", str(overlay)])
+    code = main(
+        [
+            "inspect", image_file, "--model", str(tiny_path), "--json",
+            "--max-new-tokens", "4", "--heatmap-out", str(overlay),
+        ]
+    )
     assert code == 0
     verdict = Verdict.model_validate(json.loads(capsys.readouterr().out))
     assert verdict.heatmap.shape == (120, 160)

@@ -45,7 +45,9 @@ def test_a_damaged_settings_file_is_one_line_naming_it_and_the_recovery(tmp_path
     log = AnswerLog(tmp_path / "answers.jsonl", Answer)
     log.append([Answer(id="a", text="one")])
     (tmp_path / "run.json").write_bytes(damage.encode("latin-1"))
-    with pytest.raises(DataError, match=r"run.json is damaged .*delete it and re-run .*answers in that folder are kept"):
+    with pytest.raises(
+        DataError, match=r"run.json is damaged .*delete it and re-run .*answers in that folder are kept"
+    ):
         check_settings(tmp_path, {"model": "tiny"})
     (tmp_path / "run.json").unlink()  # the recovery the message gives
     check_settings(tmp_path, {"model": "tiny"})

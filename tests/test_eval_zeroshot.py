@@ -14,8 +14,8 @@ from PIL import Image
 
 from assistant.cli import main
 from assistant.engine import LocalEngine
-from eval.datasets import load_categories, sample_id
 from data.errors import DataError
+from eval.datasets import load_categories, sample_id
 from tests.helpers import defect_image
 
 HEIGHT, WIDTH = 40, 56

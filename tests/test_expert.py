@@ -6,7 +6,12 @@ from assistant.expert import AnomalyExpert
 
 def make_expert(levels=3, width=48, side=6, pooled=2):
     config = ExpertConfig(
-        feature_layers=list(range(levels)), embedding_dim=16, class_dim=8, attention_dim=12, predictor_dim=10, pooled_side=pooled
+        feature_layers=list(range(levels)),
+        embedding_dim=16,
+        class_dim=8,
+        attention_dim=12,
+        predictor_dim=10,
+        pooled_side=pooled,
     )
     torch.manual_seed(0)
     return AnomalyExpert(config, width, side * side), config

@@ -11,7 +11,9 @@ SIZES = [(56, 56), (120, 160), (160, 120), (30, 300), (300, 30), (336, 336), (50
 
 def chat(processor, n_images, question="Any defect?"):
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -47,7 +49,10 @@ def test_reference_images_use_the_base_crop_only(tiny):
     reference = processor.layout((80, 200), is_query=False)
     query = processor.layout((120, 160))
     assert reference.num_embeddings == 16 + 1
-    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == reference.num_embeddings + query.num_embeddings
+    assert (
+        int((inputs["input_ids"] == processor.image_token_id).sum())
+        == reference.num_embeddings + query.num_embeddings
+    )
     assert inputs["pixel_values"].shape[0] == 1 + 1 + query.grid[0] * query.grid[1]
 
 

@@ -12,7 +12,9 @@ from tests.helpers import defect_image
 
 def inputs_for(processor, images, question="Are there any defects?"):
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return processor(text=text, images=images)
 
 
@@ -59,7 +61,9 @@ def test_external_roi_map_decides_the_boxes():
     anomaly_map = torch.zeros(200, 200)
     anomaly_map[150:160, 20:30] = 1.0
     content = [{"type": "image"}, {"type": "text", "text": "defect?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     inputs = processor(text=text, images=[image], roi_maps=[anomaly_map.numpy()])
     with torch.no_grad():
         analysis = model(**inputs).analysis

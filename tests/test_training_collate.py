@@ -51,7 +51,9 @@ def test_labels_are_the_answers_and_their_end_of_turn_only(fixture, request):
     image_positions = batch["input_ids"][0] == processor.image_token_id
     assert image_positions.sum() > 0 and (labels[image_positions] == IGNORE_INDEX).all()
     phrase = encode(processor, " suspicious features: ")
-    assert all(label == IGNORE_INDEX for label in labels[len(pieces[0][0]) : len(pieces[0][0]) + len(image_ids)].tolist())
+    assert all(
+        label == IGNORE_INDEX for label in labels[len(pieces[0][0]) : len(pieces[0][0]) + len(image_ids)].tolist()
+    )
     assert set(phrase) <= set(image_ids)  # the inserted suspicion phrase is part of the ignored expansion
 
     decoded = processor.tokenizer.decode(batch["labels"][1][batch["labels"][1] != IGNORE_INDEX])

@@ -27,7 +27,9 @@ def test_shipped_accelerate_configs_are_valid():
 
 def test_values_types_and_overrides():
     data = {"model": {"tiny": True}, "data": {"json_path": "a.json"}, "optim": {"lr": "1e-4"}}
-    config = parse_config(data, "instruct", ["run.max_steps=7", "lora.target_modules=[q_proj, v_proj]", "run.output_dir=out"])
+    config = parse_config(
+        data, "instruct", ["run.max_steps=7", "lora.target_modules=[q_proj, v_proj]", "run.output_dir=out"]
+    )
     assert isinstance(config, InstructTrainConfig)
     assert config.optim.lr == 1e-4  # YAML 1.1 reads "1e-4" as a string
     assert config.run.max_steps == 7 and config.run.output_dir == "out"
@@ -38,9 +40,21 @@ def test_values_types_and_overrides():
 @pytest.mark.parametrize(
     "data, overrides, message",
     [
-        ({"model": {"tiny": True}, "data": {"json_path": "a"}, "run": {"max_step": 3}}, [], r"run: unknown key\(s\) \['max_step'\]"),
-        ({"model": {"tiny": True}, "data": {"json_path": "a"}}, ["run.batch_size=many"], r"run.batch_size: expected int, got 'many'"),
-        ({"model": {"tiny": True}, "data": {"json_path": "a"}}, ["schedule.name=wavy"], r"schedule.name: 'wavy' is not one of"),
+        (
+            {"model": {"tiny": True}, "data": {"json_path": "a"}, "run": {"max_step": 3}},
+            [],
+            r"run: unknown key\(s\) \['max_step'\]",
+        ),
+        (
+            {"model": {"tiny": True}, "data": {"json_path": "a"}},
+            ["run.batch_size=many"],
+            r"run.batch_size: expected int, got 'many'",
+        ),
+        (
+            {"model": {"tiny": True}, "data": {"json_path": "a"}},
+            ["schedule.name=wavy"],
+            r"schedule.name: 'wavy' is not one of",
+        ),
         ({"model": {}, "data": {"json_path": "a"}}, [], "give exactly one of `path` or `tiny: true`"),
         ({"model": {"tiny": True}, "data": {}}, [], "give exactly one of `json_path` or `mixture`"),
         ({"model": {"tiny": True}, "data": {"json_path": "a"}}, ["run.max_steps"], "expected section.key=value"),

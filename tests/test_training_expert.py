@@ -27,7 +27,9 @@ TINY_CONFIG = Path(__file__).parents[1] / "training" / "configs" / "tiny_expert.
 @pytest.fixture(scope="module")
 def dataset_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, SynthSpec(categories=["textile"], train_good=6, test_good=2, test_defective=1, size=56))
+    write_synthetic_dataset(
+        root, SynthSpec(categories=["textile"], train_good=6, test_good=2, test_defective=1, size=56)
+    )
     return root
 
 
@@ -50,7 +52,9 @@ def test_objective_matches_the_models_own_image_path(tiny_no_roi):
     images = [defect_image(90, 150, seed=1), defect_image(56, 56, seed=2, defect=False)]
     batch = ExpertCollator(processor)([(image, 0, None) for image in images])
     with torch.no_grad():
-        analysis = ExpertObjective(model, train_vision=False)(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
+        analysis = ExpertObjective(model, train_vision=False)(
+            batch["pixel_values"], batch["image_sizes"], batch["source_sizes"]
+        )
         reference = model.encode_images(**processor.preprocess_images([[image] for image in images])).analysis
     torch.testing.assert_close(analysis.expert.logits, reference.logits)
     assert len(analysis.heatmaps) == len(reference.heatmaps) == len(images)
@@ -59,7 +63,12 @@ def test_objective_matches_the_models_own_image_path(tiny_no_roi):
 
 
 def test_loss_goes_down_and_only_the_expert_changes(dataset_root, tmp_path):
-    summary = train_expert(config(dataset_root, tmp_path, "run.max_steps=24", "run.checkpoint_every=0", "schedule.name=constant", "optim.lr=1e-2"))
+    summary = train_expert(
+        config(
+            dataset_root, tmp_path, "run.max_steps=24", "run.checkpoint_every=0",
+            "schedule.name=constant", "optim.lr=1e-2",
+        )
+    )
     assert summary.steps == 24 and len(summary.losses) == 24
     assert sum(summary.losses[-5:]) / 5 < sum(summary.losses[:5]) / 5 - 0.05
     trained = AssistantForConditionalGeneration.from_pretrained(tmp_path / "final")
@@ -72,9 +81,14 @@ def test_loss_goes_down_and_only_the_expert_changes(dataset_root, tmp_path):
 
 
 def test_train_vision_also_updates_the_tower(dataset_root, tmp_path):
-    train_expert(config(dataset_root, tmp_path, "run.max_steps=2", "run.checkpoint_every=2", "objective.train_vision=true"))
+    train_expert(
+        config(dataset_root, tmp_path, "run.max_steps=2", "run.checkpoint_every=2", "objective.train_vision=true")
+    )
     weights = load_file(str(checkpoint_dir(tmp_path, 2) / "model.safetensors"))
-    assert any(name.startswith("vision_tower.") for name in weights) and any(name.startswith("anomaly_expert.") for name in weights)
+    assert (
+        any(name.startswith("vision_tower.") for name in weights)
+        and any(name.startswith("anomaly_expert.") for name in weights)
+    )
     initial, _ = tiny_assistant(seed=0, roi=False)
     tower = initial.model.vision_tower.state_dict()
     changed = [name for name in tower if not torch.equal(tower[name], weights[f"vision_tower.{name}"])]
@@ -82,7 +96,8 @@ def test_train_vision_also_updates_the_tower(dataset_root, tmp_path):
 
 
 def test_resume_gives_the_same_losses_and_weights(dataset_root, tmp_path):
-    """2N steps straight vs N steps, stop, resume: the same next losses and final weights (mid-epoch, synthetic defects on)."""
+    """2N steps straight vs N steps, stop, resume: the same next losses and final weights
+    (mid-epoch, synthetic defects on)."""
     straight = train_expert(config(dataset_root, tmp_path / "a", "run.max_steps=6", "run.checkpoint_every=3"))
     resumed_config = config(dataset_root, tmp_path / "b", "run.max_steps=6", "run.checkpoint_every=3")
     resumed = train_expert(resumed_config, resume=checkpoint_dir(tmp_path / "a", 3))
@@ -107,8 +122,14 @@ def test_one_class_data_is_a_clear_error():
 
 
 def test_cli_runs_end_to_end_and_resumes(dataset_root, tmp_path, capsys):
-    argv = ["train", "expert", "--config", str(TINY_CONFIG), "--set", f"data.folders=[{{root: {dataset_root}}}]", "--set", "data.synthesize=null"]
-    argv += ["--set", f"run.output_dir={tmp_path}", "--set", "run.max_steps=3", "--set", "run.checkpoint_every=2", "--set", "run.batch_size=4"]
+    argv = [
+        "train", "expert", "--config", str(TINY_CONFIG),
+        "--set", f"data.folders=[{{root: {dataset_root}}}]", "--set", "data.synthesize=null",
+    ]
+    argv += [
+        "--set", f"run.output_dir={tmp_path}", "--set", "run.max_steps=3",
+        "--set", "run.checkpoint_every=2", "--set", "run.batch_size=4",
+    ]
     assert main(argv) == 0
     output = capsys.readouterr().out
     assert "expert training finished" in output and "steps            3" in output and "trainable params" in output
@@ -133,7 +154,11 @@ def test_crop_targets_mark_the_patch_of_a_defect_smaller_than_a_patch():
 
 
 def test_patch_loss_weighs_clean_patches_and_every_defect_equally():
-    maps = [torch.tensor([[[0.9, 0.2], [0.2, 0.2]]]), torch.full((1, 2, 2), 0.1), torch.tensor([[[0.5, 0.5], [0.5, 0.2]]])]
+    maps = [
+        torch.tensor([[[0.9, 0.2], [0.2, 0.2]]]),
+        torch.full((1, 2, 2), 0.1),
+        torch.tensor([[[0.5, 0.5], [0.5, 0.2]]]),
+    ]
     targets = [torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.zeros(1, 2, 2), torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])]
     clean = -(4 * torch.log(torch.tensor(0.8)) + 4 * torch.log(torch.tensor(0.9))) / 8
     # the one-patch defect weighs as much as the three-patch one
@@ -168,7 +193,9 @@ def test_a_checkpoint_appears_whole_or_not_at_all(dataset_root, tmp_path, monkey
     assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
     assert (tmp_path / "checkpoints" / "step-000004.partial").is_dir()
     monkeypatch.setattr(training.loop, "publish_dir", real_publish)
-    train_expert(config(dataset_root, tmp_path, "run.max_steps=4", "run.checkpoint_every=2"), resume=checkpoint_dir(tmp_path, 2))
+    train_expert(
+        config(dataset_root, tmp_path, "run.max_steps=4", "run.checkpoint_every=2"), resume=checkpoint_dir(tmp_path, 2)
+    )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 

@@ -16,8 +16,8 @@ from training.checkpoint import checkpoint_dir
 from training.collate import InstructCollator
 from training.config import LoraSettings, load_config
 from training.instruct import build_model, train_instruct
-from training.lora import apply_lora, load_adapter, merge_and_save, save_adapter
 from training.loop import make_accelerator
+from training.lora import apply_lora, load_adapter, merge_and_save, save_adapter
 from training.models import NOT_QUANTISED, qlora_config
 
 TINY_CONFIG = Path(__file__).parents[1] / "training" / "configs" / "tiny_instruct.yaml"
@@ -68,12 +68,19 @@ def test_lora_wraps_only_language_model_linears_and_groups_the_rest(conversation
     assert [g["lr"] for g in groups] == [cfg.optim.lr, cfg.objective.projector_lr, cfg.objective.expert_lr]
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert sum(len(g["params"]) for g in groups) == len(trainable)
-    assert not any("vision_tower" in name or "ltfm" in name or "lm_head" in name or "embed_tokens" in name for name in trainable)
+    assert not any(
+        "vision_tower" in name or "ltfm" in name or "lm_head" in name or "embed_tokens" in name for name in trainable
+    )
     assert any("image_newline" in name for name in trainable) and any("selector" in name for name in trainable)
 
 
 def test_loss_goes_down(conversations, tmp_path):
-    summary = train_instruct(config(conversations, tmp_path, "run.max_steps=16", "run.checkpoint_every=0", "optim.lr=5e-3", "objective.projector_lr=5e-3"))
+    summary = train_instruct(
+        config(
+            conversations, tmp_path, "run.max_steps=16", "run.checkpoint_every=0",
+            "optim.lr=5e-3", "objective.projector_lr=5e-3",
+        )
+    )
     # A random tiny LM cannot get far below ln(vocab) = 6.2 (its frozen lm_head bounds the logits), but it moves.
     assert sum(summary.losses[-4:]) / 4 < sum(summary.losses[:4]) / 4 - 0.3
     assert summary.tokens_per_second > 0
@@ -83,9 +90,17 @@ def test_loss_goes_down(conversations, tmp_path):
 
 def test_resume_gives_the_same_losses_and_weights(conversations, tmp_path):
     """With LoRA dropout, shuffling and a warmup+cosine schedule, resuming at step N matches the straight run."""
-    straight = train_instruct(config(conversations, tmp_path / "a", "run.max_steps=4", "run.checkpoint_every=2", "run.gradient_checkpointing=true"))
+    straight = train_instruct(
+        config(
+            conversations, tmp_path / "a", "run.max_steps=4", "run.checkpoint_every=2",
+            "run.gradient_checkpointing=true",
+        )
+    )
     resumed = train_instruct(
-        config(conversations, tmp_path / "b", "run.max_steps=4", "run.checkpoint_every=2", "run.gradient_checkpointing=true"),
+        config(
+            conversations, tmp_path / "b", "run.max_steps=4", "run.checkpoint_every=2",
+            "run.gradient_checkpointing=true",
+        ),
         resume=checkpoint_dir(tmp_path / "a", 2),
     )
     assert resumed.losses == straight.losses[2:]
@@ -140,7 +155,10 @@ def test_qlora_quantises_only_the_language_model():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_qlora_without_cuda_is_a_clear_error(conversations, tmp_path, capsys):
-    argv = ["train", "instruct", "--config", str(TINY_CONFIG), "--set", "lora.qlora=true", "--set", f"run.output_dir={tmp_path}"]
+    argv = [
+        "train", "instruct", "--config", str(TINY_CONFIG),
+        "--set", "lora.qlora=true", "--set", f"run.output_dir={tmp_path}",
+    ]
     assert main(argv) == 2
     assert "lora.qlora: true needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "train_config.yaml").exists()
@@ -159,8 +177,14 @@ def test_missing_images_stop_training_before_it_starts(conversations, tmp_path):
 
 
 def test_cli_runs_end_to_end_and_the_merged_model_loads(conversations, tmp_path, capsys):
-    argv = ["train", "instruct", "--config", str(TINY_CONFIG), "--set", f"data.json_path={conversations}", "--set", "data.image_root=null"]
-    argv += ["--set", "data.synthesize=null", "--set", f"run.output_dir={tmp_path}", "--set", "run.max_steps=2", "--set", "run.batch_size=2"]
+    argv = [
+        "train", "instruct", "--config", str(TINY_CONFIG),
+        "--set", f"data.json_path={conversations}", "--set", "data.image_root=null",
+    ]
+    argv += [
+        "--set", "data.synthesize=null", "--set", f"run.output_dir={tmp_path}",
+        "--set", "run.max_steps=2", "--set", "run.batch_size=2",
+    ]
     assert main(argv) == 0
     output = capsys.readouterr().out
     assert "instruct training finished" in output and "tokens/s" in output and "steps            2" in output

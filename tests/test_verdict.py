@@ -8,7 +8,12 @@ from assistant.verdict import Box, Verdict
 
 
 def make(**overrides):
-    fields = dict(anomalous=True, score=0.8, heatmap=np.linspace(0, 1, 12).reshape(3, 4), boxes=[Box(x0=0, y0=0, x1=2, y1=2, score=0.9)])
+    fields = dict(
+        anomalous=True,
+        score=0.8,
+        heatmap=np.linspace(0, 1, 12).reshape(3, 4),
+        boxes=[Box(x0=0, y0=0, x1=2, y1=2, score=0.9)],
+    )
     fields.update(overrides)
     return Verdict(**fields)
 

@@ -75,5 +75,9 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     folder = Path(output_dir) / CHECKPOINTS
-    steps = [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := STEP_DIR.match(p.name))] if folder.is_dir() else []
+    steps = (
+        [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := STEP_DIR.match(p.name))]
+        if folder.is_dir()
+        else []
+    )
     return max(steps)[1] if steps else None

@@ -69,13 +69,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="stage 1 (expert) and stage 2 (LoRA/QLoRA instruction) training")
     sub = train.add_subparsers(dest="train_command", required=True)
-    for stage, text in (("expert", "train the anomaly expert (vision frozen)"), ("instruct", "LoRA/QLoRA instruction tuning")):
+    for stage, text in (
+        ("expert", "train the anomaly expert (vision frozen)"),
+        ("instruct", "LoRA/QLoRA instruction tuning"),
+    ):
         parser = sub.add_parser(stage, help=text)
         parser.add_argument("--config", required=True, help="YAML file (see training/configs/)")
         parser.add_argument(
-            "--resume", nargs="?", const="latest", default=None, help="continue from a checkpoint folder (default: the latest)"
+            "--resume",
+            nargs="?",
+            const="latest",
+            default=None,
+            help="continue from a checkpoint folder (default: the latest)",
         )
-        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. run.max_steps=20")
+        parser.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. run.max_steps=20"
+        )
         parser.set_defaults(handler=cmd_train, stage=stage)
 
     merge = sub.add_parser("merge", help="merge a saved LoRA adapter into a full checkpoint")

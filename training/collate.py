@@ -46,7 +46,9 @@ def answer_spans(processor: AssistantProcessor, messages: Sequence[dict]) -> tup
     return text, spans
 
 
-def label_tokens(processor: AssistantProcessor, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+def label_tokens(
+    processor: AssistantProcessor, text: str, spans: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
     """(ids, labels) of the text before image expansion; a token is an answer token when it starts in a span."""
     encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [

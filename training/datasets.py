@@ -41,7 +41,9 @@ def _downscale(image: Image.Image, max_side: int | None) -> Image.Image:
     if max_side is None or max(image.size) <= max_side:
         return image
     scale = max_side / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+    )
 
 
 class ExpertDataset(Dataset):
@@ -59,7 +61,9 @@ class ExpertDataset(Dataset):
         seed: int = 0,
         synthetic_kinds: Sequence[str] = (),
     ):
-        self.images, self.synthetic_anomalies, self.max_side, self.seed = list(images), synthetic_anomalies, max_side, seed
+        self.images, self.synthetic_anomalies, self.max_side, self.seed = (
+            list(images), synthetic_anomalies, max_side, seed
+        )
         self.synthetic_kinds = sorted(synthetic_kinds)
         self.epoch = 0
 

@@ -126,8 +126,15 @@ def run_demo(
 
     expert_final = output / "expert" / "final"
     if not (expert_final / "config.json").is_file():
-        overrides = [f"model.path={init}", f"data.folders=[{{root: {data_root}, layout: mvtec, split: train}}]", f"run.output_dir={output / 'expert'}", f"run.seed={seed}"]
-        train_expert(load_config(CONFIG_DIR / "demo_expert.yaml", "expert", overrides), resume=_latest(output / "expert"))
+        overrides = [
+            f"model.path={init}",
+            f"data.folders=[{{root: {data_root}, layout: mvtec, split: train}}]",
+            f"run.output_dir={output / 'expert'}",
+            f"run.seed={seed}",
+        ]
+        train_expert(
+            load_config(CONFIG_DIR / "demo_expert.yaml", "expert", overrides), resume=_latest(output / "expert")
+        )
 
     conversations = output / "instruct.json"
     if not conversations.is_file():
@@ -135,8 +142,16 @@ def run_demo(
 
     adapter = output / "instruct" / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        overrides = [f"model.path={expert_final}", f"data.json_path={conversations}", f"data.image_root={data_root}", f"run.output_dir={output / 'instruct'}", f"run.seed={seed}"]
-        train_instruct(load_config(CONFIG_DIR / "demo_instruct.yaml", "instruct", overrides), resume=_latest(output / "instruct"))
+        overrides = [
+            f"model.path={expert_final}",
+            f"data.json_path={conversations}",
+            f"data.image_root={data_root}",
+            f"run.output_dir={output / 'instruct'}",
+            f"run.seed={seed}",
+        ]
+        train_instruct(
+            load_config(CONFIG_DIR / "demo_instruct.yaml", "instruct", overrides), resume=_latest(output / "instruct")
+        )
 
     return package(adapter, expert_final, destination)
 

@@ -49,7 +49,9 @@ class ExpertObjective(nn.Module):
         self.train_vision = train_vision
         self._analyze = model.model.analyze_queries  # a bound method: the LLM is not registered as a module
 
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, source_sizes: torch.Tensor) -> QueryAnalysis:
+    def forward(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, source_sizes: torch.Tensor
+    ) -> QueryAnalysis:
         every_image = torch.ones(len(image_sizes), dtype=torch.bool, device=image_sizes.device)
         return self._analyze(pixel_values, image_sizes, every_image, source_sizes, vision_grad=self.train_vision)
 
@@ -64,7 +66,9 @@ def select_trainable(model: AssistantForConditionalGeneration, train_vision: boo
 def param_groups(objective: ExpertObjective, config: ExpertTrainConfig) -> list[dict]:
     groups = [{"name": "expert", "params": list(objective.anomaly_expert.parameters()), "lr": config.optim.lr}]
     if config.objective.train_vision:
-        groups.append({"name": "vision", "params": list(objective.vision_tower.parameters()), "lr": config.objective.vision_lr})
+        groups.append(
+            {"name": "vision", "params": list(objective.vision_tower.parameters()), "lr": config.objective.vision_lr}
+        )
     return groups
 
 

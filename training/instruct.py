@@ -27,8 +27,8 @@ from data.synth_dataset import ensure_synthetic_dataset
 from .collate import InstructCollator
 from .config import ConfigError, InstructData, InstructTrainConfig, save_config
 from .datasets import InstructDataset
-from .lora import apply_lora, export_merged, fully_trained_modules, save_adapter
 from .loop import TrainingTask, TrainSummary, make_accelerator, run_training
+from .lora import apply_lora, export_merged, fully_trained_modules, save_adapter
 from .models import compute_dtype, load_assistant, require_cuda_for_qlora, upcast_trainable
 
 ADAPTER_DIR = "adapter"

@@ -152,7 +152,9 @@ def run_training(
         num_workers=run.num_workers,
         generator=torch.Generator().manual_seed(run.seed),  # keeps the global RNG untouched by the loader
     )
-    optimizer = torch.optim.AdamW(task.param_groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        task.param_groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+    )
     model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / run.grad_accum)
     total_steps = run.max_steps or math.ceil(run.epochs * steps_per_epoch)

@@ -45,7 +45,9 @@ def apply_lora(model: AssistantForConditionalGeneration, settings: LoraSettings)
     return get_peft_model(model, config)
 
 
-def fully_trained_modules(model: AssistantForConditionalGeneration, objective: InstructObjectiveConfig) -> dict[str, list[nn.Parameter]]:
+def fully_trained_modules(
+    model: AssistantForConditionalGeneration, objective: InstructObjectiveConfig
+) -> dict[str, list[nn.Parameter]]:
     """Non-LoRA parameters that train in stage 2, by optimizer group name."""
     inner = model.model
     groups = {}

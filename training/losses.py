@@ -50,7 +50,9 @@ def dice_loss(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return 1 - (2 * (p * target).sum() + EPS) / (p.sum() + target.sum() + EPS)
 
 
-def mask_loss(heatmaps: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], gamma: float) -> torch.Tensor | None:
+def mask_loss(
+    heatmaps: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], gamma: float
+) -> torch.Tensor | None:
     """Mean focal loss over images with a known mask, plus mean dice over those with a defect; None if no masks."""
     known = [(heatmap, mask.to(heatmap.device)) for heatmap, mask in zip(heatmaps, masks) if mask is not None]
     if not known:

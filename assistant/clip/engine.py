@@ -12,12 +12,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .expert import ClipAnomalyExpert
 from ..config import RoiConfig
 from ..engine import Analysis, Conversation, Engine
 from ..image_io import ImageInput, load_image, load_references
 from ..roi import detect_boxes
 from ..verdict import Box
+from .expert import ClipAnomalyExpert
 
 
 class ClipEngine:

@@ -43,7 +43,9 @@ def fetch_bytes(url: str, connection: HTTPConnection = global_http_connection) -
         url, stream=True, timeout=envs.VLLM_IMAGE_FETCH_TIMEOUT, allow_redirects=False
     ) as response:
         if response.is_redirect:
-            raise ImageUrlError(f"image: {url} answered with a redirect ({response.status_code}), which is not followed")
+            raise ImageUrlError(
+                f"image: {url} answered with a redirect ({response.status_code}), which is not followed"
+            )
         response.raise_for_status()
         data = bytearray()
         for chunk in response.iter_content(CHUNK):
