@@ -15,8 +15,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TypeVar
 
 import gradio as gr
@@ -47,9 +50,18 @@ def _upload_path(upload: dict | None) -> str | None:
     return upload["path"] if upload else None
 
 
-def _panel(session: Session, opacity: float) -> tuple:
-    """Verdict label, heatmap overlay and ROI boxes."""
-    return session.label, overlay(session.preview, opacity), regions(session.preview)
+def _panel(session: Session, opacity: float, folder: Path) -> tuple:
+    """Verdict label, heatmap overlay and ROI boxes, the images as PNG files in `folder`.
+
+    Files, not PIL images: a turn sends its panel twice (when the answer starts and with the final outputs),
+    and Gradio re-encodes a PIL output into its cache in place each time, so a browser still fetching the
+    first copy could get a half-rewritten file; a file Gradio copies once and then finds in its cache.
+    """
+    heatmap, rois = folder / "heatmap.png", folder / "rois.png"
+    overlay(session.preview, opacity).save(heatmap, format="PNG")
+    base, annotations = regions(session.preview)
+    base.save(rois, format="PNG")
+    return session.label, str(heatmap), (str(rois), annotations)
 
 
 def _conversation(uploads: tuple[str, str | None], messages: list[dict[str, str]]) -> Conversation:
@@ -153,14 +165,19 @@ class ChatHandlers:
             progress(None, desc="Analysing the image…")
             turn = self._start(conversation, uploads)
         skip, locked = gr.skip(), gr.Textbox(value="", interactive=False)
-        yield chat_history(conversation, uploads[0], pending=""), locked, *_panel(turn, opacity), skip
-        answer = ""
-        for chunk in self.engine.stream(conversation, self.max_new_tokens):
-            answer += chunk
-            yield chat_history(conversation, uploads[0], pending=answer), skip, skip, skip, skip, skip
-        conversation.answer(answer.strip())
-        finished = replace(turn, messages=tuple(conversation.messages))
-        yield chat_history(conversation, uploads[0]), locked, *_panel(finished, opacity), finished
+        folder = Path(tempfile.mkdtemp(prefix="anomaly-assistant-panel-"))  # this turn's panel files
+        try:
+            panel = _panel(turn, opacity, folder)
+            yield chat_history(conversation, uploads[0], pending=""), locked, *panel, skip
+            answer = ""
+            for chunk in self.engine.stream(conversation, self.max_new_tokens):
+                answer += chunk
+                yield chat_history(conversation, uploads[0], pending=answer), skip, skip, skip, skip, skip
+            conversation.answer(answer.strip())
+            finished = replace(turn, messages=tuple(conversation.messages))
+            yield chat_history(conversation, uploads[0]), locked, *panel, finished
+        finally:  # Gradio has copied the files into its cache by the time the generator is resumed
+            shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     @reported
