@@ -12,6 +12,7 @@ finds its encoding in its own cache by the pixels' digest).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -95,29 +96,32 @@ def _user_error(error: Exception) -> gr.Error:
     return gr.Error(f"Something went wrong: {one_line(error)} (details in the app's log)", print_exception=False)
 
 
+@contextlib.contextmanager
+def _shown_as_one_line() -> Iterator[None]:
+    """Any failure inside becomes one message for the user (`_user_error`); a gr.Error passes as it is."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except Exception as error:
+        raise _user_error(error) from error
+
+
 def reported(handler: Callable[..., T]) -> Callable[..., T]:
     """An event handler (streaming or not) whose failures reach the user as one message, never raw exception text."""
     if inspect.isgeneratorfunction(handler):
 
         @functools.wraps(handler)
         def stream(*args, **kwargs):
-            try:
+            with _shown_as_one_line():
                 yield from handler(*args, **kwargs)
-            except gr.Error:
-                raise
-            except Exception as error:
-                raise _user_error(error) from error
 
         return stream
 
     @functools.wraps(handler)
     def call(*args, **kwargs):
-        try:
+        with _shown_as_one_line():
             return handler(*args, **kwargs)
-        except gr.Error:
-            raise
-        except Exception as error:
-            raise _user_error(error) from error
 
     return call
 
