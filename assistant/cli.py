@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .defaults import MODEL_ENV, resolve_model
 from .errors import AssistantError, UsageError, one_line
+from .options import add_settings_argument, run_settings
 
 COMMAND_FAMILIES = ("assistant.serve.cli", "eval.cli", "training.cli", "data.cli")
 
@@ -30,12 +31,13 @@ def load_engine(args: argparse.Namespace, concurrency: int = 1):
         )
     from .engine import LocalEngine
 
-    return LocalEngine.from_pretrained(resolve_model(args.model), device=args.device)
+    return LocalEngine.from_pretrained(resolve_model(args.model), device=args.device, settings=run_settings(args))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_settings_argument(parser)
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -88,11 +90,9 @@ def inspection_engine(args: argparse.Namespace):
     language = None
     if args.expert == "model" or args.model:
         try:
+            roi = {"map_source": ROI_SOURCES[args.roi_source]} if args.roi_source else {}
             language = LocalEngine.from_pretrained(
-                resolve_model(args.model),
-                device=args.device,
-                roi_expert=clip,
-                map_source=ROI_SOURCES.get(args.roi_source),
+                resolve_model(args.model), device=args.device, roi_expert=clip, settings=run_settings(args, roi=roi)
             )
         except ValueError as error:
             raise UsageError(str(error)) from error
@@ -164,13 +164,11 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
+    from .checkpoint import load_checkpoint
     from .factory import save_assistant
-    from .processing import AssistantProcessor
 
-    path = resolve_model(args.model)
-    model = load_model(path)
-    print(save_assistant(model, AssistantProcessor.from_pretrained(path, config=model.config), args.output))
+    model, processor = load_checkpoint(resolve_model(args.model), settings=run_settings(args))
+    print(save_assistant(model, processor, args.output))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -246,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_parser.add_argument("output")
     export_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    add_settings_argument(export_parser)
     export_parser.set_defaults(handler=cmd_export)
 
     convert_parser = commands.add_parser(

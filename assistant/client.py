@@ -20,7 +20,7 @@ import openai
 from PIL import Image
 from pydantic import ValidationError
 
-from .engine import Analysis, Conversation
+from .engine import Conversation
 from .errors import AssistantError
 from .image_io import ImageInput, load_image, load_references
 from .verdict import Verdict
@@ -167,8 +167,8 @@ class EndpointEngine:
 
         return self._map(distribution, conversations)
 
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
-        """The expert's score, heatmap and boxes from our server's `POST {base_url}/inspect` (no text generated)."""
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
+        """The expert's verdict from our server's `POST {base_url}/inspect` (no text generated)."""
         image = load_image(image, "image")
         references = load_references(references)
         body = {
@@ -185,9 +185,8 @@ class EndpointEngine:
         with self._errors(not_found=not_found):
             payload = self.client.post("/inspect", body=body, cast_to=object)
         try:
-            verdict = Verdict.model_validate(payload)
+            return Verdict.model_validate(payload)
         except ValidationError as error:
             raise EndpointError(
                 f"{self.base_url}/inspect returned an invalid verdict: {error.errors()[0]['msg']}"
             ) from error
-        return Analysis(score=verdict.score, anomalous=verdict.anomalous, heatmap=verdict.heatmap, boxes=verdict.boxes)

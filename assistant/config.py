@@ -1,73 +1,145 @@
 """Configuration of the assistant: LLaVA-OneVision plus the anomaly expert and the ROI tokenizer.
 
-The expert and ROI settings are plain dataclasses so they can be read, validated and documented on their
-own; the transformers config stores them as dicts so `save_pretrained` writes everything into one
-`config.json` next to the weights.
+The expert and ROI settings are typed sub-configs (pydantic models, unknown keys rejected) held by
+`AssistantConfig` as objects and written into the one `config.json` next to the weights. They are frozen:
+a run changes them only through `Settings` (`AssistantConfig.apply_settings`), the one override path that the
+CLI (`--set roi.enabled=false`), the app, the server and the training YAML (`model.settings`) share.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal, Optional
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_serializer, model_validator
 from transformers import AutoConfig, LlavaOnevisionConfig
+
+from .errors import AssistantError
 
 SUSPICION_ADVERBS = ("slightly", "moderately", "highly")
 
 
-@dataclass
-class ExpertConfig:
+class SettingsError(AssistantError, ValueError):
+    """An expert/ROI setting that does not exist or has a wrong value, named by its key path."""
+
+
+def validation_message(error: ValidationError, prefix: str = "") -> str:
+    """pydantic's first error as one line: `roi.max_boxes: Input should be greater than or equal to 1`."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+class _SubConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertConfig(_SubConfig):
     """Look-Twice Feature Matching + Visual Token Selector (Anomaly-OV)."""
 
     # Indices into the vision tower's `hidden_states` (0 = embeddings), i.e. Anomaly-OV's encoder layers
     # 6/12/18/24 of SigLIP-so400m. Tiny test towers use small indices.
-    feature_layers: list[int] = field(default_factory=lambda: [7, 13, 19, 25])
-    embedding_dim: int = 512
-    class_dim: int = 512
-    attention_dim: int = 512
-    predictor_dim: int = 512
-    pooled_side: int = 2  # 2x2 selected tokens per crop
+    feature_layers: list[int] = Field(default_factory=lambda: [7, 13, 19, 25], min_length=1)
+    embedding_dim: int = Field(512, ge=1)
+    class_dim: int = Field(512, ge=1)
+    attention_dim: int = Field(512, ge=1)
+    predictor_dim: int = Field(512, ge=1)
+    pooled_side: int = Field(2, ge=1)  # 2x2 selected tokens per crop
     temperature: float = 100.0
     # The score picks the adverb of "with {adverb} suspicious features: ": below low -> "slightly",
     # below high -> "moderately", else "highly" (Anomaly-OV's strict comparisons).
-    suspicion_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    suspicion_thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.7], min_length=2, max_length=2)
     # Platt scaling of the expert logit for the user-facing score: sigmoid(scale * logit + shift),
     # fitted on a validation split (`anomaly-assistant eval calibrate`); the identity until then.
     score_scale: float = 1.0
     score_shift: float = 0.0
     # Calibrated score at or above which the verdict says "anomalous".
-    decision_threshold: float = 0.5
+    decision_threshold: float = Field(0.5, ge=0.0, le=1.0)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> ExpertConfig:
         low, high = self.suspicion_thresholds
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(
                 f"suspicion_thresholds must satisfy 0 <= low <= high <= 1, got {self.suspicion_thresholds}"
             )
-        if self.pooled_side < 1:
-            raise ValueError("pooled_side must be >= 1")
+        return self
 
 
-@dataclass
-class RoiConfig:
+class RoiConfig(_SubConfig):
     """Expert-guided region-of-interest tokens (Triad)."""
 
     enabled: bool = True
-    max_boxes: int = 4  # fixed number of ROI crops per query image (keeps token counts static)
-    threshold_ratio: float = 0.9  # binarise the map at min + ratio * (max - min)
+    # fixed number of ROI crops per query image (keeps token counts static); disable ROI tokens with enabled=false
+    max_boxes: int = Field(4, ge=1)
+    threshold_ratio: float = Field(0.9, gt=0.0, lt=1.0)  # binarise the map at min + ratio * (max - min)
     merge_overlap: float = 0.1  # merge boxes whose intersection / smaller area exceeds this
-    pool: int = 2  # average pooling of each ROI crop's token grid
+    pool: int = Field(2, ge=1)  # average pooling of each ROI crop's token grid
     newline: bool = False  # image_newline after every pooled row (Triad's 0-shot setting has none)
-    source_max_side: int = 1024  # ROI crops are cut from the image scaled so its long side is at most this
+    source_max_side: int = Field(1024, ge=1)  # ROI crops are cut from the image scaled so its long side is at most this
     map_source: Literal["expert", "external"] = "expert"  # "external": maps come with the inputs (e.g. CLIP)
 
-    def __post_init__(self) -> None:
-        if self.max_boxes < 1:
-            raise ValueError("max_boxes must be >= 1 (disable ROI tokens with enabled=False)")
-        if not 0.0 < self.threshold_ratio < 1.0:
-            raise ValueError("threshold_ratio must be in (0, 1)")
-        if self.map_source not in ("expert", "external"):
-            raise ValueError(f"map_source must be 'expert' or 'external', got {self.map_source!r}")
+
+SUB_CONFIGS: dict[str, type[_SubConfig]] = {"expert": ExpertConfig, "roi": RoiConfig}
+
+
+def _changes_model(kind: type[_SubConfig]) -> type[BaseModel]:
+    """`kind` with every field optional (None = unchanged) but its types and bounds kept; unknown keys rejected."""
+    fields = {
+        name: (Optional[Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation], None)
+        for name, info in kind.model_fields.items()
+    }
+    return create_model(f"{kind.__name__}Changes", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+ExpertChanges = _changes_model(ExpertConfig)
+RoiChanges = _changes_model(RoiConfig)
+
+
+class Settings(BaseModel):
+    """Changes to the expert/ROI sub-configs for one run: `Settings(roi={"enabled": False})`.
+
+    Keys, types and bounds are checked when the settings are made (errors name the key path, e.g.
+    `roi.max_boxs`); rules across fields (ordered thresholds) when they are applied to a checkpoint's config.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    expert: ExpertChanges = Field(default_factory=ExpertChanges)
+    roi: RoiChanges = Field(default_factory=RoiChanges)
+
+    def changes(self, name: str) -> dict[str, Any]:
+        """The fields of sub-config `name` this run sets."""
+        return getattr(self, name).model_dump(exclude_none=True)
+
+    @field_serializer("expert", "roi")
+    def _only_changes(self, section: BaseModel) -> dict[str, Any]:
+        return section.model_dump(exclude_none=True)  # saved with a training config: what was set, nothing else
+
+    def __bool__(self) -> bool:
+        return any(self.changes(name) for name in SUB_CONFIGS)
+
+    @classmethod
+    def parse(cls, assignments: Iterable[str]) -> Settings:
+        """`["roi.enabled=false", "expert.decision_threshold=0.4"]` (values read as YAML scalars or lists)."""
+        changes: dict[str, dict[str, Any]] = {}
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            section, dot, field = key.strip().partition(".")
+            if not sep or not dot or not field:
+                raise SettingsError(f"{assignment!r}: expected SECTION.KEY=VALUE, e.g. roi.enabled=false")
+            changes.setdefault(section, {})[field] = yaml.safe_load(text) if text.strip() else None
+        return cls.checked(changes)
+
+    @classmethod
+    def checked(cls, changes: dict[str, Any]) -> Settings:
+        """`Settings(**changes)` with a one-line `SettingsError` naming the key path."""
+        try:
+            return cls.model_validate(changes)
+        except ValidationError as error:
+            raise SettingsError(validation_message(error)) from None
 
 
 class AssistantConfig(LlavaOnevisionConfig):
@@ -79,8 +151,8 @@ class AssistantConfig(LlavaOnevisionConfig):
 
     model_type = "anomaly_assistant"
 
-    expert: dict | None = None
-    roi: dict | None = None
+    expert: ExpertConfig | dict | None = None
+    roi: RoiConfig | dict | None = None
     phrase_prefix_ids: list | None = None  # tokens of "with"
     adverb_token_ids: list | None = None  # three equal-length id lists: slightly, moderately, highly
     phrase_suffix_ids: list | None = None  # tokens of " suspicious features:"
@@ -88,8 +160,9 @@ class AssistantConfig(LlavaOnevisionConfig):
     image_std: list | None = None
 
     def __post_init__(self, **kwargs):
-        self.expert = asdict(ExpertConfig(**(self.expert or {})))
-        self.roi = asdict(RoiConfig(**(self.roi or {})))
+        for name, kind in SUB_CONFIGS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, kind())
         self.phrase_prefix_ids = list(self.phrase_prefix_ids or [])
         self.phrase_suffix_ids = list(self.phrase_suffix_ids or [])
         self.adverb_token_ids = [list(ids) for ids in (self.adverb_token_ids or [[], [], []])]
@@ -101,13 +174,33 @@ class AssistantConfig(LlavaOnevisionConfig):
         self.image_std = list(self.image_std or [0.5, 0.5, 0.5])
         super().__post_init__(**kwargs)
 
-    @property
-    def expert_config(self) -> ExpertConfig:
-        return ExpertConfig(**self.expert)
+    def __setattr__(self, key: str, value: Any) -> None:
+        """A dict given for `expert` or `roi` changes the current sub-config's fields (validated as a whole).
 
-    @property
-    def roi_config(self) -> RoiConfig:
-        return RoiConfig(**self.roi)
+        So every route to a change is the same one: `apply_settings`, transformers' `config.update` and vLLM's
+        `--hf-overrides '{"roi": {"enabled": false}}'` (which sets the attribute).
+        """
+        kind = SUB_CONFIGS.get(key)
+        if kind is not None and value is not None and not isinstance(value, kind):
+            current = self.__dict__.get(key)
+            base = current.model_dump() if isinstance(current, kind) else {}
+            try:
+                value = kind.model_validate({**base, **dict(value)})
+            except ValidationError as error:
+                raise SettingsError(validation_message(error, key)) from None
+        super().__setattr__(key, value)
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Change the expert/ROI sub-configs for this run."""
+        for name in SUB_CONFIGS:
+            if settings.changes(name):
+                setattr(self, name, settings.changes(name))
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for name in SUB_CONFIGS:
+            output[name] = getattr(self, name).model_dump()
+        return output
 
     @property
     def crop_size(self) -> int:

@@ -3,7 +3,8 @@
 `LocalEngine` runs the model in-process with transformers (the embedded default, CPU or GPU); the
 OpenAI-compatible endpoint backend lives in `assistant/client.py`. A `Conversation` is one image
 (plus optional normal references) and its chat history; the image is encoded once and reused by every
-later turn.
+later turn. Every backend's `analyze` returns the expert's `Verdict` (no reasoning yet); `inspect` adds the
+language model's reasoning and defect name to it.
 """
 
 from __future__ import annotations
@@ -14,30 +15,21 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .checkpoint import load_model
-from .heatmap import resize_map
+from .checkpoint import load_checkpoint
+from .config import Settings
 from .image_io import ImageInput, load_image, load_references
-from .modeling import AssistantForConditionalGeneration, ImageEncoding
+from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
 from .prompts import DEFECT_QUESTION, INSPECTION_QUESTION, REFERENCE_INTRO
-from .verdict import Box, Verdict
-
-
-@dataclass
-class Analysis:
-    """The expert's view of one query image at the image's own resolution."""
-
-    score: float  # calibrated probability of an anomaly
-    anomalous: bool
-    heatmap: np.ndarray  # [H, W] in [0, 1]
-    boxes: list[Box]
+from .verdict import Verdict
+from .vision import ImageEncoderMixin, ImageEncoding
 
 
 @dataclass
@@ -96,7 +88,9 @@ class Scorer(Protocol):
 
 
 class Engine(Protocol):
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis: ...
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
+        """The expert's verdict: score, decision, heatmap and boxes at the image's size; no text."""
+        ...
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]: ...
 
@@ -116,20 +110,13 @@ def inspect(
 ) -> Verdict:
     """Verdict for one image: expert score/heatmap/boxes, the LLM's reasoning, and the defect type."""
     conversation = Conversation.start(image, question, references)
-    analysis = engine.analyze(conversation.image, conversation.references)
+    verdict = engine.analyze(conversation.image, conversation.references)
     reasoning = engine.complete([conversation], max_new_tokens)[0].strip()
     defect = None
-    if analysis.anomalous:
+    if verdict.anomalous:
         conversation.answer(reasoning).ask(DEFECT_QUESTION)
         defect = engine.complete([conversation], 32)[0].strip() or None
-    return Verdict(
-        anomalous=analysis.anomalous,
-        score=analysis.score,
-        heatmap=analysis.heatmap,
-        boxes=analysis.boxes,
-        defect=defect,
-        reasoning=reasoning,
-    )
+    return verdict.model_copy(update={"reasoning": reasoning, "defect": defect})
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -150,17 +137,21 @@ def _image_key(images: Sequence[Image.Image]) -> str:
     return digest.hexdigest()
 
 
-class LocalEngine:
-    """In-process transformers backend with an LRU cache of encoded images."""
+class ImageAnalyzer:
+    """The image side and its processor: encodes images (an LRU cache by pixel content) and gives verdicts.
+
+    `model` is anything that owns the image-side modules (`vision.ImageEncoderMixin`): the full model, or the
+    server's image side alone (`serve/analysis.py`).
+    """
 
     def __init__(
         self,
-        model: AssistantForConditionalGeneration,
+        model: ImageEncoderMixin,
         processor: AssistantProcessor,
         cache_size: int = 8,
         roi_expert: Scorer | None = None,
     ):
-        if model.config.roi_config.map_source == "external" and roi_expert is None:
+        if model.config.roi.map_source == "external" and roi_expert is None:
             raise ValueError(
                 "the model takes its ROI map from an external expert (roi.map_source = 'external'): pass roi_expert "
                 "(CLI: --roi-source clip --clip-model SPEC)"
@@ -170,7 +161,43 @@ class LocalEngine:
         self.roi_expert = roi_expert
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
-        self._lock = threading.Lock()  # one model call at a time; also guards the image cache
+        self._lock = threading.RLock()  # one model call at a time; also guards the image cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, images: Sequence[Image.Image]) -> ImageEncoding:
+        """Encode a query (last) with its references, cached by pixel content."""
+        with self._lock:
+            key = _image_key(images)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            inputs = self.processor.preprocess_images([list(images)], roi_maps=self._roi_maps(images))
+            with torch.inference_mode():
+                encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()})
+            self._cache[key] = encoding
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return encoding
+
+    def _roi_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
+        """The external expert's map of the query (last image), the earlier images as its normal references."""
+        if self.model.config.roi.map_source != "external":
+            return None
+        return [self.roi_expert.score(images[-1], images[:-1])[1]]
+
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
+        image = load_image(image, "image")
+        analysis = self.encode([*load_references(references), image]).analysis
+        return analysis.verdict(0, image.size, self.model.config.expert)
+
+
+class LocalEngine(ImageAnalyzer):
+    """In-process transformers backend: the full model's image side plus its language model."""
+
+    model: AssistantForConditionalGeneration
 
     @classmethod
     def from_pretrained(
@@ -179,65 +206,14 @@ class LocalEngine:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         roi_expert: Scorer | None = None,
-        map_source: Literal["expert", "external"] | None = None,
+        settings: Settings | None = None,
     ) -> LocalEngine:
-        """Load a checkpoint folder (plain or composed, see `checkpoint.py`); `map_source` overrides the config's
-        `roi.map_source` for this run."""
+        """Load any checkpoint folder (`checkpoint.load_checkpoint`); `settings` override the expert/ROI config
+        for this run (`config.AssistantConfig.apply_settings`)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        model = load_model(path, dtype).to(device)
-        if map_source is not None:
-            model.config.roi = {**model.config.roi, "map_source": map_source}
-        return cls(model, AssistantProcessor.from_pretrained(path, config=model.config), roi_expert=roi_expert)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    # -- images ---------------------------------------------------------------------------------------
-    def encode(self, images: Sequence[Image.Image]) -> ImageEncoding:
-        """Encode a query (last) with its references, cached by pixel content."""
-        key = _image_key(images)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        inputs = self.processor.preprocess_images([list(images)], roi_maps=self._roi_maps(images))
-        with torch.inference_mode():
-            encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()})
-        self._cache[key] = encoding
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return encoding
-
-    def _roi_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
-        """The external expert's map of the query (last image), the earlier images as its normal references."""
-        if self.model.config.roi_config.map_source != "external":
-            return None
-        return [self.roi_expert.score(images[-1], images[:-1])[1]]
-
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
-        image = load_image(image, "image")
-        images = [*load_references(references), image]
-        with self._lock:  # the image cache is shared with the text methods
-            analysis = self.encode(images).analysis
-        expert = self.model.config.expert_config
-        score = float(analysis.calibrated_scores(expert)[0])
-        heatmap = resize_map(analysis.heatmaps[0].float().cpu(), (image.height, image.width)).clamp(0, 1).numpy()
-        source_h, source_w = analysis.heatmaps[0].shape
-        scale_x, scale_y = image.width / source_w, image.height / source_h
-        boxes = [
-            Box(
-                x0=int(x0 * scale_x),
-                y0=int(y0 * scale_y),
-                x1=min(image.width, max(int(x0 * scale_x) + 1, round(x1 * scale_x))),
-                y1=min(image.height, max(int(y0 * scale_y) + 1, round(y1 * scale_y))),
-                score=min(1.0, max(0.0, scored.score)),
-            )
-            for scored in analysis.boxes[0]
-            for x0, y0, x1, y1 in [scored.box]
-        ]
-        anomalous = score >= expert.decision_threshold
-        return Analysis(score=score, anomalous=anomalous, heatmap=heatmap, boxes=boxes if anomalous else [])
+        model, processor = load_checkpoint(path, dtype, settings)
+        return cls(model.to(device), processor, roi_expert=roi_expert)
 
     # -- text -----------------------------------------------------------------------------------------
     def _prompt_embeddings(self, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:

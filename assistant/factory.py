@@ -1,14 +1,16 @@
 """Factory functions (open_clip style): build configs, processors and models from parts.
 
 `create_assistant` wires any SigLIP-style vision config, any causal-LM text config and a tokenizer into
-a consistent (model, processor) pair: it adds the `<image>` token, stores the suspicion phrase ids and
-the normalisation in the config, and scales the AnyRes grid to the crop size. `tiny_assistant` builds
-a random model small enough for tests and smoke runs, with a byte-level BPE tokenizer trained in memory,
-so nothing is ever downloaded.
+a consistent (model, processor) pair: it adds the `<image>` token (and ChatML to a tokenizer without a
+chat template; one with a template keeps its own), stores the suspicion phrase ids and the normalisation
+in the config, and scales the AnyRes grid to the crop size. `tiny_assistant` builds a random model small
+enough for tests and smoke runs, with a byte-level BPE tokenizer trained in memory, so nothing is ever
+downloaded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,12 +20,16 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from .config import AssistantConfig
 from .modeling import AssistantForConditionalGeneration
-from .processing import CHAT_TEMPLATE, AssistantProcessor, suspicion_phrase_ids
+from .processing import DEFAULT_CHAT_TEMPLATE, AssistantProcessor, suspicion_phrase_ids
 from .prompts import IMAGE_TOKEN
 
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
-CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
+CHATML_SPECIALS = {  # the tiny tokenizer's default: Qwen2's ChatML tokens, in id order
+    "pad_token": "<|endoftext|>",
+    "additional_special_tokens": ["<|im_start|>"],
+    "eos_token": "<|im_end|>",
+}
 
 
 def grid_pinpoints(crop_size: int, max_tiles_per_side: int = 6) -> list[list[int]]:
@@ -33,12 +39,13 @@ def grid_pinpoints(crop_size: int, max_tiles_per_side: int = 6) -> list[list[int
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add `<image>` and the ChatML template if the tokenizer lacks them."""
+    """Add `<image>`, a pad token and the ChatML template where the tokenizer lacks them (its own template stays)."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -79,7 +86,7 @@ def create_processor(config: AssistantConfig, tokenizer: PreTrainedTokenizerBase
         image_mean=config.image_mean,
         image_std=config.image_std,
     )
-    return AssistantProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE, config=config)
+    return AssistantProcessor(image_processor, tokenizer, config=config)
 
 
 def create_assistant(
@@ -111,25 +118,28 @@ TINY_CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with ChatML specials, trained on a few sentences in memory."""
+def tiny_tokenizer(
+    vocab_size: int = 512, specials: Mapping[str, str | list[str]] = CHATML_SPECIALS, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences in memory.
+
+    `specials`: PreTrainedTokenizerFast's special-token arguments; their tokens take the first ids in the order
+    given, then `<image>`. No chat template unless given: `prepare_tokenizer` gives it ChatML.
+    """
+    tokens = [token for value in specials.values() for token in ([value] if isinstance(value, str) else value)]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=CHAT_SPECIAL_TOKENS,
+        special_tokens=[*tokens, IMAGE_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(TINY_CORPUS * 4, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", IMAGE_TOKEN],
-    )
-    wrapped.chat_template = CHAT_TEMPLATE
+    arguments = {**specials, "additional_special_tokens": [*specials.get("additional_special_tokens", []), IMAGE_TOKEN]}
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **arguments)
+    wrapped.chat_template = chat_template
     return wrapped
 
 
@@ -161,13 +171,19 @@ def tiny_text_config(model_type: str = "qwen2", vocab_size: int = 512) -> dict:
 
 
 def tiny_assistant(
-    seed: int = 0, roi: bool | dict = True, text_model: str = "qwen2", expert: dict | None = None, **config_kwargs
+    seed: int = 0,
+    roi: bool | dict = True,
+    text_model: str = "qwen2",
+    expert: dict | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    **config_kwargs,
 ) -> tuple[AssistantForConditionalGeneration, AssistantProcessor]:
     """A random ~0.35M-parameter assistant: 56 px crops of 4x4 patches, 2-layer LLM with head dim 32.
 
-    `roi`: on/off, or RoiConfig fields (ROI source images default to 224 px here).
+    `roi`: on/off, or RoiConfig fields (ROI source images default to 224 px here). `tokenizer`: `tiny_tokenizer()`
+    (ChatML) unless given.
     """
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer() if tokenizer is None else tokenizer
     expert = {
         "feature_layers": [1, 2, 3, 4],
         "embedding_dim": 32,

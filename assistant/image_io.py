@@ -34,6 +34,23 @@ class ImageTooLargeError(ImageError):
     """An image over the byte or pixel limit (the server answers 413 rather than 400)."""
 
 
+def fit_long_side(
+    size: tuple[int, int], max_side: int, floor: bool = False, upscale: bool = False
+) -> tuple[int, int]:
+    """(height, width) scaled so the long side is `max_side`: the one fitting rule of the ROI source image, the
+    app's preview, the pixel metrics and the benchmarks' official views.
+
+    Smaller images stay as they are unless `upscale`; `floor` truncates like the official MMAD/VisA-D&R scripts'
+    `int(side * scale)` (else rounded); a side never drops below 1 px.
+    """
+    height, width = size
+    scale = max_side / max(height, width)
+    if scale >= 1.0 and not upscale:
+        return height, width
+    rounding = int if floor else round
+    return max(1, rounding(height * scale)), max(1, rounding(width * scale))
+
+
 def _open(source: str | Path | bytes, name: str) -> Image.Image:
     if isinstance(source, (str, Path)):
         path = Path(source)

@@ -87,13 +87,13 @@ def base_token_count(image_size: tuple[int, int], config: AssistantConfig) -> in
 
 def expert_token_count(grid: tuple[int, int], config: AssistantConfig) -> int:
     """Global token + crop-0 tokens + the tiles' tokens as a (p*rows) x (p*cols) grid with row newlines."""
-    pooled = config.expert_config.pooled_side
+    pooled = config.expert.pooled_side
     rows, cols = grid
     return 1 + pooled * pooled + (pooled * rows) * (pooled * cols) + pooled * rows
 
 
 def roi_tokens_per_box(config: AssistantConfig) -> int:
-    roi = config.roi_config
+    roi = config.roi
     side = config.patches_per_side // roi.pool
     return side * side + (side if roi.newline else 0)
 
@@ -102,7 +102,7 @@ def image_layout(image_size: tuple[int, int], config: AssistantConfig, is_query:
     if not is_query:
         return ImageLayout(False, (0, 0), config.patches_per_side**2 + 1, 0, 0, 0)
     grid = anyres_grid(image_size, config)
-    roi = config.roi_config
+    roi = config.roi
     return ImageLayout(
         is_query=True,
         grid=grid,

@@ -1,10 +1,13 @@
 """Images + chat text -> model inputs, with exactly as many placeholder positions as the model fills.
 
 Built on transformers' pieces: the LLaVA-OneVision PIL image processor (AnyRes crops; the PIL backend
-needs no torchvision, so the vLLM environment preprocesses identically), a tokenizer with a ChatML
-chat template, and `ProcessorMixin` for saving and chat templating. The expansion of every `<image>`
+needs no torchvision, so the vLLM environment preprocesses identically), the LLM's tokenizer with its
+own chat template, and `ProcessorMixin` for saving and chat templating. The expansion of every `<image>`
 happens on token ids (see `layout.py`) so the text around the visual tokens never re-tokenizes
 differently between backends.
+
+Chat messages may carry image parts; most LLM templates read string content only, so the processor's template
+is the LLM's own behind `IMAGE_PARTS_AS_TEXT`, which turns every image part into `<image>` in place.
 
 In a sample with several images, the last one is the query and the earlier ones are normal references.
 """
@@ -22,22 +25,43 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.processing_utils import ProcessorMixin
 
 from .config import SUSPICION_ADVERBS, AssistantConfig
-from .image_io import ImageInput, load_image
+from .image_io import ImageInput, fit_long_side, load_image
 from .layout import ImageLayout, expand_image_ids, image_layout
 from .prompts import IMAGE_TOKEN
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-CHAT_TEMPLATE = (
+IGNORE_INDEX = -100  # the label of a position that is no target (PyTorch's cross-entropy default)
+
+# For a tokenizer without a chat template: ChatML with Qwen2's default system prompt (LLaVA-OneVision's format).
+DEFAULT_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ('image', 'image_url') %}<image>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Runs before the LLM's template and hands it string contents: the parts of a message joined in order, an image
+# part as `<image>\n`. Both backends render this same text: vLLM's chat server sees the loop over the parts and
+# passes them in order ("openai" content format); for a string-only template it would move every image to the
+# front of the message ("string" format) and join the texts with newlines.
+IMAGE_PARTS_AS_TEXT = (
+    "{%- set flat = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- set content = namespace(text='') -%}"
+    "{%- if message['content'] is string -%}{%- set content.text = message['content'] -%}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set content.text = content.text + part['text'] -%}"
+    "{%- elif part['type'] == 'image' -%}{%- set content.text = content.text + '" + IMAGE_TOKEN + "\n' -%}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- set flat.messages = flat.messages + [dict(message, content=content.text)] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = flat.messages -%}"
+)
+
+
+def with_image_parts(chat_template: str) -> str:
+    """The LLM's template behind IMAGE_PARTS_AS_TEXT (once: a saved processor's template has it already)."""
+    return chat_template if chat_template.startswith(IMAGE_PARTS_AS_TEXT) else IMAGE_PARTS_AS_TEXT + chat_template
 
 
 def suspicion_phrase_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
@@ -56,13 +80,6 @@ def suspicion_phrase_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
         "adverb_token_ids": [space * (longest - len(ids)) + ids for ids in adverbs],
         "phrase_suffix_ids": encode(" suspicious features: "),
     }
-
-
-def source_size(image_size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """Size of the image the heatmap and ROI crops live on: the input, downscaled to max_side."""
-    height, width = image_size
-    scale = min(1.0, max_side / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _group_images(texts: list[str], images: object) -> list[list[ImageInput]]:
@@ -93,7 +110,9 @@ class AssistantProcessor(ProcessorMixin):
     """Turns (images, chat text) into `input_ids`, AnyRes crops, ROI source images and layout metadata."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        """`chat_template`: the LLM's own; by default the tokenizer's, or ChatML if it has none."""
+        chat_template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=with_image_parts(chat_template))
         self.config: AssistantConfig | None = kwargs.get("config")
 
     @classmethod
@@ -103,7 +122,7 @@ class AssistantProcessor(ProcessorMixin):
         config = config or AssistantConfig.from_pretrained(path)
         image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(image_processor, tokenizer, chat_template=tokenizer.chat_template, config=config)
+        return cls(image_processor, tokenizer, config=config)
 
     @property
     def image_token_id(self) -> int:
@@ -125,7 +144,7 @@ class AssistantProcessor(ProcessorMixin):
 
     def source_pixels(self, image: Image.Image) -> np.ndarray:
         """uint8 [3, h, w] image the ROI crops are cut from (long side at most roi.source_max_side)."""
-        height, width = source_size((image.height, image.width), self.config.roi_config.source_max_side)
+        height, width = fit_long_side((image.height, image.width), self.config.roi.source_max_side)
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), Image.Resampling.BICUBIC)
         return np.array(image, dtype=np.uint8).transpose(2, 0, 1)
@@ -160,13 +179,10 @@ class AssistantProcessor(ProcessorMixin):
         self, texts: Sequence[str], image_sizes: Sequence[Sequence[tuple[int, int]]], padding_side: str | None = None
     ) -> dict[str, torch.Tensor]:
         """input_ids with every `<image>` expanded for images of these (height, width); last image = query."""
-        all_ids = []
-        for text, sizes in zip(texts, image_sizes):
-            layouts = [self.layout(size, index == len(sizes) - 1) for index, size in enumerate(sizes)]
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if ids.count(self.image_token_id) != len(layouts):
-                raise ValueError(f"text has {ids.count(self.image_token_id)} image tokens for {len(layouts)} images")
-            all_ids.append(self._expand(ids, layouts))
+        all_ids = [
+            self.expand_images(self.tokenizer.encode(text, add_special_tokens=False), sizes)[0]
+            for text, sizes in zip(texts, image_sizes)
+        ]
         batch = self.tokenizer.pad({"input_ids": all_ids}, padding=True, padding_side=padding_side, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
@@ -174,7 +190,7 @@ class AssistantProcessor(ProcessorMixin):
         self, groups: Sequence[Sequence[Image.Image]], roi_maps: Sequence[np.ndarray] | None = None
     ) -> dict[str, torch.Tensor]:
         """Crops, sizes, query flags, ROI source images (and external ROI maps) for RGB images per sample."""
-        roi = self.config.roi_config
+        roi = self.config.roi
         max_side = roi.source_max_side
         crops, image_sizes, is_query, sources, source_sizes = [], [], [], [], []
         for group in groups:
@@ -184,7 +200,7 @@ class AssistantProcessor(ProcessorMixin):
                 image_sizes.append((image.height, image.width))
                 is_query.append(query)
                 if query:
-                    source_sizes.append(source_size((image.height, image.width), max_side))
+                    source_sizes.append(fit_long_side((image.height, image.width), max_side))
                     if roi.enabled:
                         sources.append(self.source_pixels(image))
         data = {
@@ -202,11 +218,27 @@ class AssistantProcessor(ProcessorMixin):
             data["roi_maps"] = self._external_maps(roi_maps, source_sizes, max_side)
         return data
 
-    def _expand(self, ids: list[int], layouts: list[ImageLayout]) -> list[int]:
-        expanded, images = [], iter(layouts)
-        for token in ids:
-            expanded.extend(expand_image_ids(next(images), self.config) if token == self.image_token_id else [token])
-        return expanded
+    def expand_images(
+        self, ids: Sequence[int], image_sizes: Sequence[tuple[int, int]], labels: Sequence[int] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """(ids, labels) with every `<image>` replaced by the positions of its image (last image = query).
+
+        `labels`, one per id (default: no targets), follow their tokens; an image's positions are never targets.
+        """
+        count = list(ids).count(self.image_token_id)
+        if count != len(image_sizes):
+            raise ValueError(f"text has {count} image tokens for {len(image_sizes)} images")
+        layouts = iter(self.layout(size, index == len(image_sizes) - 1) for index, size in enumerate(image_sizes))
+        expanded_ids, expanded_labels = [], []
+        for token, label in zip(ids, labels or [IGNORE_INDEX] * len(ids)):
+            if token == self.image_token_id:
+                image_ids = expand_image_ids(next(layouts), self.config)
+                expanded_ids += image_ids
+                expanded_labels += [IGNORE_INDEX] * len(image_ids)
+            else:
+                expanded_ids.append(token)
+                expanded_labels.append(label)
+        return expanded_ids, expanded_labels
 
     @staticmethod
     def _external_maps(maps: Sequence[np.ndarray], sizes: list[tuple[int, int]], max_side: int) -> torch.Tensor:

@@ -9,20 +9,13 @@ token count before the model runs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
 from .config import RoiConfig
+from .verdict import Box
 
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
-
-
-@dataclass(frozen=True)
-class ScoredBox:
-    box: Box
-    score: float  # peak of the anomaly map inside the box
+Corners = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive: the arithmetic before scoring
 
 
 def _fit_span(start: int, stop: int, min_length: int, limit: int) -> tuple[int, int]:
@@ -37,18 +30,18 @@ def _fit_span(start: int, stop: int, min_length: int, limit: int) -> tuple[int, 
     return start, start + min_length
 
 
-def grow_box(box: Box, min_side: int, width: int, height: int) -> Box:
+def grow_box(box: Corners, min_side: int, width: int, height: int) -> Corners:
     x0, x1 = _fit_span(box[0], box[2], min_side, width)
     y0, y1 = _fit_span(box[1], box[3], min_side, height)
     return x0, y0, x1, y1
 
 
-def square_box(box: Box, width: int, height: int) -> Box:
+def square_box(box: Corners, width: int, height: int) -> Corners:
     side = max(box[2] - box[0], box[3] - box[1])
     return grow_box(box, side, width, height)
 
 
-def overlap_of_smaller(a: Box, b: Box) -> float:
+def overlap_of_smaller(a: Corners, b: Corners) -> float:
     """Intersection over the smaller box's area (Triad's merge criterion)."""
     inter_w = min(a[2], b[2]) - max(a[0], b[0])
     inter_h = min(a[3], b[3]) - max(a[1], b[1])
@@ -58,7 +51,7 @@ def overlap_of_smaller(a: Box, b: Box) -> float:
     return inter_w * inter_h / smaller
 
 
-def merge_boxes(boxes: list[Box], min_overlap: float) -> list[Box]:
+def merge_boxes(boxes: list[Corners], min_overlap: float) -> list[Corners]:
     """Replace overlapping boxes by their union until no pair overlaps more than min_overlap."""
     boxes = list(boxes)
     merged = True
@@ -76,11 +69,14 @@ def merge_boxes(boxes: list[Box], min_overlap: float) -> list[Box]:
     return boxes
 
 
-def _peak(anomaly_map: np.ndarray, box: Box) -> float:
-    return float(anomaly_map[box[1] : box[3], box[0] : box[2]].max())
+def _scored(anomaly_map: np.ndarray, corners: Corners) -> Box:
+    """The box with its peak anomaly score, clipped to [0, 1] like the heatmap a verdict shows."""
+    x0, y0, x1, y1 = corners
+    peak = float(anomaly_map[y0:y1, x0:x1].max())
+    return Box(x0=x0, y0=y0, x1=x1, y1=y1, score=min(1.0, max(0.0, peak)))
 
 
-def detect_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> list[ScoredBox]:
+def detect_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> list[Box]:
     """Triad's rule: threshold, contours, grow to one crop, merge, square; best `max_boxes` by peak."""
     if anomaly_map.ndim != 2 or anomaly_map.size == 0:
         raise ValueError(f"anomaly map must be a non-empty 2-D array, got shape {anomaly_map.shape}")
@@ -92,34 +88,34 @@ def detect_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> l
         return []  # a flat map points nowhere
     binary = (anomaly_map >= low + config.threshold_ratio * (high - low)).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    boxes = []
+    corners = []
     for contour in contours:
         x, y, w, h = cv2.boundingRect(contour)
-        boxes.append(grow_box((x, y, x + w, y + h), min_side, width, height))
-    boxes = [square_box(box, width, height) for box in merge_boxes(boxes, config.merge_overlap)]
-    scored = sorted((ScoredBox(box, _peak(anomaly_map, box)) for box in set(boxes)), key=lambda s: (-s.score, s.box))
-    return scored[: config.max_boxes]
+        corners.append(grow_box((x, y, x + w, y + h), min_side, width, height))
+    corners = [square_box(box, width, height) for box in merge_boxes(corners, config.merge_overlap)]
+    peaks = {box: float(anomaly_map[box[1] : box[3], box[0] : box[2]].max()) for box in corners}
+    ranked = sorted(peaks, key=lambda box: (-peaks[box], box))
+    return [_scored(anomaly_map, box) for box in ranked[: config.max_boxes]]
 
 
 def fill_boxes(anomaly_map: np.ndarray, boxes: list[Box], min_side: int, count: int) -> list[Box]:
     """Add square boxes around the highest peaks outside the chosen boxes until there are `count`."""
     height, width = anomaly_map.shape
     remaining = anomaly_map.astype(np.float64, copy=True)
-    for x0, y0, x1, y1 in boxes:
-        remaining[y0:y1, x0:x1] = -np.inf
+    for box in boxes:
+        remaining[box.y0 : box.y1, box.x0 : box.x1] = -np.inf
     boxes = list(boxes)
     while len(boxes) < count:
         if np.isneginf(remaining).all():
             remaining = anomaly_map.astype(np.float64, copy=True)  # whole image covered: allow repeats
         y, x = np.unravel_index(int(np.argmax(remaining)), remaining.shape)
-        box = grow_box((int(x), int(y), int(x) + 1, int(y) + 1), min_side, width, height)
-        boxes.append(box)
-        remaining[box[1] : box[3], box[0] : box[2]] = -np.inf
+        corners = grow_box((int(x), int(y), int(x) + 1, int(y) + 1), min_side, width, height)
+        boxes.append(_scored(anomaly_map, corners))
+        remaining[corners[1] : corners[3], corners[0] : corners[2]] = -np.inf
     return boxes
 
 
-def roi_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> tuple[list[ScoredBox], list[Box]]:
+def roi_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> tuple[list[Box], list[Box]]:
     """Detected boxes (to show) and exactly `max_boxes` crop boxes (to encode)."""
     detected = detect_boxes(anomaly_map, min_side, config)
-    crops = fill_boxes(anomaly_map, [s.box for s in detected], min_side, config.max_boxes)
-    return detected, crops
+    return detected, fill_boxes(anomaly_map, detected, min_side, config.max_boxes)

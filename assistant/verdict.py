@@ -8,14 +8,32 @@ from __future__ import annotations
 
 import base64
 import io
+import math
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
+from .heatmap import resize_map
+
+
+def _floor(value: float) -> int:
+    return math.floor(value + 1e-9)  # 110.00000000000001 is pixel 110, not a rounding step outwards
+
+
+def _ceil(value: float) -> int:
+    return math.ceil(value - 1e-9)
+
 
 class Box(BaseModel):
-    """A suspicious region in image pixels (x1, y1 exclusive) and the peak anomaly score inside it."""
+    """A region in image pixels (x1, y1 exclusive) and the peak anomaly score inside it.
+
+    The one box shape: the regions a verdict shows, the ROI crops the model encodes, the app's display boxes.
+    """
+
+    model_config = ConfigDict(frozen=True)
 
     x0: int
     y0: int
@@ -28,6 +46,17 @@ class Box(BaseModel):
         if not (self.x0 < self.x1 and self.y0 < self.y1):
             raise ValueError(f"box corners out of order: ({self.x0}, {self.y0}, {self.x1}, {self.y1})")
         return self
+
+    @property
+    def corners(self) -> tuple[int, int, int, int]:
+        return self.x0, self.y0, self.x1, self.y1
+
+    def scaled(self, scale_x: float, scale_y: float, width: int, height: int) -> Box:
+        """The box on an image resized by these factors to width x height, rounded outwards (at least 1 px)."""
+        x0, y0 = min(width - 1, _floor(self.x0 * scale_x)), min(height - 1, _floor(self.y0 * scale_y))
+        x1 = min(width, max(x0 + 1, _ceil(self.x1 * scale_x)))
+        y1 = min(height, max(y0 + 1, _ceil(self.y1 * scale_y)))
+        return Box(x0=x0, y0=y0, x1=x1, y1=y1, score=self.score)
 
 
 def encode_heatmap(heatmap: np.ndarray) -> str:
@@ -77,3 +106,30 @@ class Verdict(BaseModel):
             if box.x1 > width or box.y1 > height or box.x0 < 0 or box.y0 < 0:
                 raise ValueError(f"box {box} lies outside the {width}x{height} heatmap")
         return self
+
+    @classmethod
+    def of_expert(
+        cls,
+        score: float,
+        threshold: float,
+        heatmap: np.ndarray | torch.Tensor,
+        boxes: Sequence[Box],
+        size: tuple[int, int],
+    ) -> Verdict:
+        """The expert's verdict on an image of (width, height): the one place every backend builds one.
+
+        `score` is calibrated; `heatmap` and `boxes` are in the pixels the expert worked in (e.g. the ROI source
+        image) and are brought to the image's own. Boxes are shown only when the verdict is anomalous; the
+        language model's reasoning and defect name are added later (`engine.inspect`).
+        """
+        width, height = size
+        anomaly_map = torch.as_tensor(heatmap).detach().float().cpu()
+        map_height, map_width = anomaly_map.shape
+        anomalous = score >= threshold
+        shown = [box.scaled(width / map_width, height / map_height, width, height) for box in boxes]
+        return cls(
+            anomalous=anomalous,
+            score=score,
+            heatmap=resize_map(anomaly_map, (height, width)).clamp(0, 1).numpy(),
+            boxes=shown if anomalous else [],
+        )

@@ -11,7 +11,7 @@ embeddings).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ from .config import AssistantConfig, ExpertConfig
 from .expert import AnomalyExpert, ExpertOutput
 from .heatmap import assemble_heatmap
 from .layout import ImageLayout, image_layout
-from .roi import Box, ScoredBox, roi_boxes
+from .roi import roi_boxes
+from .verdict import Box, Verdict
 
 # The image side's checkpoint names, below the transformers model's `model.` prefix.
 IMAGE_MODULES = ("vision_tower", "multi_modal_projector", "image_newline", "anomaly_expert")
@@ -34,32 +35,40 @@ IMAGE_MODULES = ("vision_tower", "multi_modal_projector", "image_newline", "anom
 
 @dataclass
 class ImageAnalysis:
-    """What the expert says about each query image of a batch (in order)."""
+    """What the expert says about each query image of a batch (in order): the image side's one result.
 
-    logits: torch.Tensor  # [Q]
-    heatmaps: list[torch.Tensor]  # [h, w] per query, on the source-size image
-    boxes: list[list[ScoredBox]]  # detected regions per query, source pixels
-    roi_boxes: list[list[Box]]  # the crops encoded as ROI tokens, source pixels
-    expert: ExpertOutput
+    Stage-1 training reads its logits and maps; `encode_images` adds the boxes; `verdict` turns one query's
+    reading into the user-facing `Verdict`.
+    """
+
+    layouts: list[ImageLayout]  # of the query images
+    expert: ExpertOutput  # over the query images' crops
+    heatmaps: list[torch.Tensor]  # [h, w] per query, on the ROI source image (see `RoiConfig.source_max_side`)
+    boxes: list[list[Box]] = field(default_factory=list)  # detected regions per query, source pixels
+    roi_boxes: list[list[Box]] = field(default_factory=list)  # the crops encoded as ROI tokens, source pixels
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.expert.logits  # [Q]
 
     @property
     def scores(self) -> torch.Tensor:
         """The expert's raw sigmoid scores (they choose the suspicion adverb)."""
-        return torch.sigmoid(self.logits.float())
+        return self.expert.scores
 
     def calibrated_scores(self, config: ExpertConfig) -> torch.Tensor:
         """Platt-scaled scores shown to the user."""
         return torch.sigmoid(config.score_scale * self.logits.float() + config.score_shift)
 
-
-@dataclass
-class QueryAnalysis:
-    """One vision pass over a batch's crops and the expert's reading of its query images (no LLM tokens)."""
-
-    layouts: list[ImageLayout]
-    features: torch.Tensor  # [C, N, D] final-layer features of every crop, all images in order
-    expert: ExpertOutput | None  # over the query images' crops; None when the batch has no query image
-    heatmaps: list[torch.Tensor]  # [h, w] per query image, at its source size
+    def verdict(self, index: int, size: tuple[int, int], config: ExpertConfig) -> Verdict:
+        """Query `index`'s verdict on its image of (width, height): calibrated score, threshold, map, boxes."""
+        return Verdict.of_expert(
+            float(self.calibrated_scores(config)[index]),
+            config.decision_threshold,
+            self.heatmaps[index],
+            self.boxes[index],
+            size,
+        )
 
 
 @dataclass
@@ -83,7 +92,7 @@ def crop_regions(
         F.interpolate(
             source[None, :, y0:y1, x0:x1].float(), (size, size), mode="bicubic", align_corners=False, antialias=True
         )
-        for x0, y0, x1, y1 in boxes
+        for x0, y0, x1, y1 in (box.corners for box in boxes)
     ]
     pixels = torch.cat(crops).clamp(0, 255) / 255.0
     mean_t = torch.tensor(mean, device=pixels.device)[None, :, None, None]
@@ -92,7 +101,7 @@ def crop_regions(
 
 
 def build_expert(config: AssistantConfig) -> AnomalyExpert:
-    return AnomalyExpert(config.expert_config, config.vision_config.hidden_size, config.patches_per_side**2)
+    return AnomalyExpert(config.expert, config.vision_config.hidden_size, config.patches_per_side**2)
 
 
 class ImageEncoderMixin:
@@ -117,7 +126,7 @@ class ImageEncoderMixin:
         final = outputs.hidden_states[self.config.vision_feature_layer]
         return final, [outputs.hidden_states[i] for i in (levels or [])]
 
-    def _layouts(self, image_sizes: torch.Tensor, image_is_query: torch.Tensor) -> list[ImageLayout]:
+    def image_layouts(self, image_sizes: torch.Tensor, image_is_query: torch.Tensor) -> list[ImageLayout]:
         return [
             image_layout((int(h), int(w)), self.config, bool(q))
             for (h, w), q in zip(image_sizes.tolist(), image_is_query)
@@ -130,23 +139,24 @@ class ImageEncoderMixin:
         image_is_query: torch.Tensor,
         source_sizes: torch.Tensor,
         vision_grad: bool = True,
-    ) -> QueryAnalysis:
-        """Vision features of every crop, then the expert's maps, tokens, score and heatmap for each query image.
+    ) -> tuple[torch.Tensor, ImageAnalysis | None]:
+        """Final features [C, N, D] of every crop, and the expert's maps, tokens, scores and heatmaps of the
+        query images (None when the batch has none).
 
         `encode_images` builds the LLM tokens on top of this; stage-1 training calls it alone.
         `vision_grad=False` runs the tower without autograd (a frozen tower while the expert trains).
         """
-        layouts = self._layouts(image_sizes, image_is_query)
+        layouts = self.image_layouts(image_sizes, image_is_query)
         crops_per_image = [layout.num_crops for layout in layouts]
         if sum(crops_per_image) != pixel_values.shape[0]:
             raise ValueError(
                 f"expected {sum(crops_per_image)} crops for these image sizes, got {pixel_values.shape[0]}"
             )
         with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
-            final, levels = self.vision_features(pixel_values, self.config.expert_config.feature_layers)
+            final, levels = self.vision_features(pixel_values, self.config.expert.feature_layers)
         query_layouts = [layout for layout in layouts if layout.is_query]
         if not query_layouts:
-            return QueryAnalysis(layouts, final, None, [])
+            return final, None
         query_crops = [layout.num_crops for layout in query_layouts]
         query_final, query_levels = final, levels
         if len(query_layouts) < len(layouts):  # a batch of queries only (stage 1) needs no copy
@@ -164,11 +174,11 @@ class ImageEncoderMixin:
                 source_sizes.tolist(),
             )
         ]
-        return QueryAnalysis(layouts, final, expert, heatmaps)
+        return final, ImageAnalysis(query_layouts, expert, heatmaps)
 
     def _expert_tokens(self, expert: ExpertOutput, layouts: list[ImageLayout]) -> list[torch.Tensor]:
         """Projected [global, crop-0 tokens, tile grid with row newlines] for each query image."""
-        pooled = self.config.expert_config.pooled_side
+        pooled = self.config.expert.pooled_side
         crop_tokens = self.multi_modal_projector(expert.crop_tokens)  # [Cq, p*p, H]
         global_tokens = self.multi_modal_projector(expert.global_tokens)  # [Q, H]
         hidden = crop_tokens.shape[-1]
@@ -192,7 +202,7 @@ class ImageEncoderMixin:
         device: torch.device,
     ) -> list[torch.Tensor]:
         """Encode every query's ROI crops in one vision pass, pool them and add optional row newlines."""
-        roi = self.config.roi_config
+        roi = self.config.roi
         crops = torch.cat(
             [
                 crop_regions(
@@ -229,13 +239,13 @@ class ImageEncoderMixin:
         `roi_pixel_values`: one uint8 [3, h, w] source per query image, as a padded [Q, 3, S, S] canvas or a
         sequence of unpadded tensors.
         """
-        config, roi = self.config, self.config.roi_config
+        config, roi = self.config, self.config.roi
         if roi.enabled and roi_pixel_values is None and bool(image_is_query.any()):
             raise ValueError("ROI tokens are enabled but roi_pixel_values were not given")
         if roi.map_source == "external" and roi_maps is None and bool(image_is_query.any()):
             raise ValueError("roi.map_source is 'external' but no roi_maps were given")
-        queries = self.analyze_queries(pixel_values, image_sizes, image_is_query, source_sizes)
-        layouts, final, expert, heatmaps = queries.layouts, queries.features, queries.expert, queries.heatmaps
+        final, analysis = self.analyze_queries(pixel_values, image_sizes, image_is_query, source_sizes)
+        layouts = self.image_layouts(image_sizes, image_is_query)
         projected = self.multi_modal_projector(final)
         base_tokens, _ = self.pack_image_features(
             list(torch.split(projected, [layout.num_crops for layout in layouts])),
@@ -243,16 +253,18 @@ class ImageEncoderMixin:
             self.image_newline,
             config.vision_aspect_ratio,
         )
-        if expert is None:
+        if analysis is None:
             return ImageEncoding(torch.cat(base_tokens), layouts, None)
 
-        expert_tokens = self._expert_tokens(expert, [layout for layout in layouts if layout.is_query])
-        levels_of_suspicion = suspicion_level(expert.scores, config.expert_config.suspicion_thresholds)
+        expert = analysis.expert
+        expert_tokens = self._expert_tokens(expert, analysis.layouts)
+        levels_of_suspicion = suspicion_level(expert.scores, config.expert.suspicion_thresholds)
         adverb_ids = torch.tensor(config.adverb_token_ids, device=final.device)
         adverbs = self.token_embeddings(adverb_ids[levels_of_suspicion])  # [Q, n_adv, H]
 
         sizes = [tuple(s) for s in source_sizes.tolist()]
-        box_maps = heatmaps if roi.map_source == "expert" else [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)]
+        external = roi.map_source == "external"
+        box_maps = [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)] if external else analysis.heatmaps
         detected, crops = [], []
         for box_map in box_maps:
             found, chosen = roi_boxes(box_map.detach().float().cpu().numpy(), config.crop_size, roi)
@@ -275,8 +287,7 @@ class ImageEncoderMixin:
                 raise RuntimeError(
                     f"image produced {sequence.shape[0]} embeddings, layout expects {layout.num_embeddings}"
                 )
-        analysis = ImageAnalysis(expert.logits, heatmaps, detected, crops, expert)
-        return ImageEncoding(torch.cat(sequences), layouts, analysis)
+        return ImageEncoding(torch.cat(sequences), layouts, replace(analysis, boxes=detected, roi_boxes=crops))
 
 
 class ImageEncoder(ImageEncoderMixin, nn.Module):

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
+from assistant.image_io import fit_long_side
+
 FPR_LIMIT = 0.3
 
 
@@ -75,10 +77,7 @@ def aupro(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], fpr_limit: fl
 
 def evaluation_size(height: int, width: int, pixel_size: int) -> tuple[int, int]:
     """The mask resolution, shrunk so the long side is at most `pixel_size` (0: unchanged) to bound memory."""
-    if pixel_size <= 0 or max(height, width) <= pixel_size:
-        return height, width
-    scale = pixel_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    return (height, width) if pixel_size <= 0 else fit_long_side((height, width), pixel_size)
 
 
 def resample(anomaly_map: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

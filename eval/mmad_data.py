@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from assistant.image_io import fit_long_side
 from data.errors import DataError
 from data.files import describe, read_json
 
@@ -121,8 +122,7 @@ def mmad_view(image: Image.Image, max_side: int) -> Image.Image:
     if max_side <= 0:
         return image
     bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
-    height, width = bgr.shape[:2]
-    scale = min(max_side / width, max_side / height)
-    resized = cv2.resize(bgr, (max(1, int(width * scale)), max(1, int(height * scale))), interpolation=cv2.INTER_AREA)
+    height, width = fit_long_side(bgr.shape[:2], max_side, floor=True, upscale=True)
+    resized = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
     decoded = cv2.imdecode(cv2.imencode(".jpg", resized)[1], cv2.IMREAD_COLOR)
     return Image.fromarray(cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB))

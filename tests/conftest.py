@@ -23,7 +23,7 @@ from assistant.errors import UsageError
 from assistant.factory import save_assistant, tiny_assistant
 from assistant.serve.cli import PYTHON_ENV, probe
 from assistant.serve.process import free_port
-from tests.helpers import APP_MAX_NEW_TOKENS, StubServer, defect_image
+from tests.helpers import APP_MAX_NEW_TOKENS, StubServer, defect_image, llama3_assistant
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,12 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_no_roi():
     return tiny_assistant(seed=0, roi=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3():
+    """(model, processor) with a Llama LLM and Llama 3's tokenizer specials and chat template; do not mutate."""
+    return llama3_assistant(seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from assistant.engine import Conversation, LocalEngine
+from assistant.factory import tiny_assistant, tiny_tokenizer
 from assistant.verdict import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,32 @@ def defect_image(height: int = 120, width: int = 160, seed: int = 0, defect: boo
 def expected_answer(engine: LocalEngine, conversation: Conversation) -> str:
     """What the app should show for this conversation: the engine's own greedy answer."""
     return engine.complete([conversation], APP_MAX_NEW_TOKENS)[0].strip()
+
+
+# -- a Llama-3-style tiny model: Meta's Llama 3 chat template and special tokens, nothing like ChatML ---------
+
+LLAMA3_SPECIALS = {  # in id order: bos 1 and eos 2 are LlamaConfig's defaults, as a real config names them
+    "pad_token": "<|end_of_text|>",
+    "bos_token": "<|begin_of_text|>",
+    "eos_token": "<|eot_id|>",
+    "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+}
+LLAMA3_CHAT_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's, verbatim: string content only
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def llama3_assistant(seed: int = 0, roi: bool = True):
+    """A tiny assistant around a Llama LLM whose tokenizer brings Llama 3's specials and chat template."""
+    tokenizer = tiny_tokenizer(specials=LLAMA3_SPECIALS, chat_template=LLAMA3_CHAT_TEMPLATE)
+    model, processor = tiny_assistant(seed=seed, roi=roi, text_model="llama", tokenizer=tokenizer)
+    text = model.config.text_config
+    assert (text.bos_token_id, text.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return model, processor
 
 
 # -- a stub OpenAI-compatible server (chat completions + our /inspect) --------------------------------------

@@ -21,7 +21,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 from assistant.defaults import MODEL_ENV
-from assistant.engine import Analysis, Conversation, LocalEngine
+from assistant.engine import Conversation, LocalEngine
 from assistant.errors import UsageError
 from assistant.prompts import INSPECTION_QUESTION
 from assistant.serve.process import free_port
@@ -30,7 +30,7 @@ from assistant.ui.backend import NO_WEIGHTS_NOTICE
 from assistant.ui.blocks import SESSION_TTL_S
 from assistant.ui.handlers import ChatHandlers
 from assistant.ui.views import make_preview, verdict_label
-from assistant.verdict import Box
+from assistant.verdict import Box, Verdict
 from tests.helpers import ROOT, defect_image, expected_answer
 
 
@@ -211,15 +211,15 @@ def test_endpoint_backend_chats_and_shows_the_servers_verdict(stub_server, part)
 def test_large_photos_are_shown_scaled_down_with_their_boxes():
     photo = Image.new("RGB", (4000, 1000))
     box = Box(x0=3990, y0=0, x1=4000, y1=3, score=0.9)
-    analysis = Analysis(score=0.9, anomalous=True, heatmap=np.ones((1000, 4000), np.float32), boxes=[box])
-    preview = make_preview(photo, analysis, max_side=1024)
-    assert preview.image.size == (1024, 256) and preview.heatmap.shape == (256, 1024)
-    assert [(b.x0, b.y0, b.x1, b.y1) for b in preview.boxes] == [(1021, 0, 1024, 1)]
+    verdict = Verdict(score=0.9, anomalous=True, heatmap=np.ones((1000, 4000), np.float32), boxes=[box])
+    preview = make_preview(photo, verdict, max_side=1024)
+    assert preview.image.size == (1024, 256) and preview.verdict.heatmap.shape == (256, 1024)
+    assert [box.corners for box in preview.verdict.boxes] == [(1021, 0, 1024, 1)]
 
 
 def test_the_label_heading_is_always_the_models_decision():
     def label(score: float, anomalous: bool):
-        return verdict_label(Analysis(score=score, anomalous=anomalous, heatmap=np.zeros((2, 2)), boxes=[]))
+        return verdict_label(Verdict(score=score, anomalous=anomalous, heatmap=np.zeros((2, 2)), boxes=[]))
 
     assert label(0.8, True) == {"Anomalous": 0.8, "Normal": pytest.approx(0.2)}
     assert label(0.3, False) == {"Anomalous": 0.3, "Normal": 0.7}
@@ -312,8 +312,8 @@ def test_a_session_holds_its_panel_at_display_size_and_expires(app_engine, tmp_p
     handlers = ChatHandlers(app_engine, max_new_tokens=2)
     outputs = list(handlers.chat("Is there a defect?", {"path": str(photo)}, None, 0.5, None, lambda *a, **k: None))
     session = outputs[-1][-1]
-    assert session.preview.image.size == (1024, 768) and session.preview.heatmap.dtype == np.uint8
-    assert reachable_bytes(session) <= 1024 * 768 * 4
+    assert session.preview.image.size == (1024, 768) and session.preview.verdict.heatmap.shape == (768, 1024)
+    assert reachable_bytes(session) <= 1.05 * 1024 * 768 * (3 + 4)  # the RGB preview and its float32 heatmap
     follow_up = list(handlers.chat("Where?", {"path": str(photo)}, None, 0.5, session, lambda *a, **k: None))
     assert [m["role"] for m in follow_up[-1][-1].messages] == ["user", "assistant", "user", "assistant"]
     demo = build_demo(app_engine)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from assistant.checkpoint import BASE_LLM_FILE, BaseLLM, CheckpointError, is_composed, load_model, save_composed
+from assistant.checkpoint import BASE_LLM_FILE, BaseLLM, CheckpointError, is_composed, load_checkpoint, save_composed
 from assistant.factory import tiny_assistant
 from tests.helpers import defect_image
 from training.config import LoraSettings
@@ -42,10 +42,10 @@ def test_composed_round_trip_gives_the_trained_model(tmp_path, monkeypatch):
     assert is_composed(folder) and json.loads((folder / BASE_LLM_FILE).read_text())["package"] == "some_llm_package"
     assert not list(folder.glob("model*.safetensors")) and not (folder / "README.md").exists()
     with pytest.raises(CheckpointError, match="some_llm_package"):
-        load_model(folder)  # the base package is not installed: a clear error
+        load_checkpoint(folder)[0]  # the base package is not installed: a clear error
 
     monkeypatch.setattr(BaseLLM, "state_dict", lambda self: base_llm)
-    loaded = load_model(folder)
+    loaded = load_checkpoint(folder)[0]
     with torch.no_grad():
         logits = loaded(**inputs).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
@@ -53,7 +53,7 @@ def test_composed_round_trip_gives_the_trained_model(tmp_path, monkeypatch):
         untrained = tiny_assistant(seed=3)[0](**inputs).logits
     assert not torch.allclose(logits, untrained, atol=1e-2)  # the adapter and the projector change were applied
 
-    half = load_model(save_composed(trained, processor, base, tmp_path / "half"))  # the shipped, float16 form
+    half = load_checkpoint(save_composed(trained, processor, base, tmp_path / "half"))[0]  # the shipped, float16 form
     with torch.no_grad():
         assert (half(**inputs).logits - expected).abs().max() < 0.1
 
@@ -65,6 +65,6 @@ def test_incomplete_composed_folder_is_reported(tmp_path, tiny_path):
     shutil.copytree(tiny_path, folder)
     (folder / BASE_LLM_FILE).write_text(json.dumps({"package": "x", "gguf_file": "y.gguf"}))
     with pytest.raises(CheckpointError, match="incomplete composed checkpoint"):
-        load_model(folder)
+        load_checkpoint(folder)[0]
     with pytest.raises(CheckpointError, match="config.json missing"):
-        load_model(tmp_path / "nowhere")
+        load_checkpoint(tmp_path / "nowhere")[0]

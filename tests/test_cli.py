@@ -68,7 +68,7 @@ def bad_inputs(tmp_path, tiny_path) -> dict[str, tuple[list[str], str]]:
         "data file": (["data", "check", str(broken_json)], "not valid JSON"),
         "benchmark file": (["eval", "mmad", "--data", str(broken_json), *model], "MMAD file"),
         "missing config": (["train", "expert", "--config", str(tmp_path / "missing.yaml")], "config file not found"),
-        "config key": (["train", "expert", "--config", str(config)], "run: unknown key(s) ['max_step']"),
+        "config key": (["train", "expert", "--config", str(config)], "run.max_step: Extra inputs are not permitted"),
         "checkpoint": (["convert", "--llava", str(tmp_path), "--output", str(tmp_path / "out")], "no config.json"),
         "endpoint down": (
             ["eval", "visa-dr", "--detection", write_visa_detection(tmp_path), "--endpoint", closed]

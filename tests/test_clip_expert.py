@@ -19,6 +19,7 @@ from assistant.clip.expert import ClipAnomalyExpert
 from assistant.clip.loading import ClipSpec, parse_spec
 from assistant.clip.prompts import TEMPLATES, class_prompts
 from assistant.clip.windows import harmonic_aggregate, window_indices
+from assistant.config import Settings
 from assistant.engine import Conversation, LocalEngine
 from assistant.prompts import INSPECTION_QUESTION
 from assistant.verdict import Verdict
@@ -37,6 +38,8 @@ BRIGHT_CLIP = {
 }
 HEIGHT, WIDTH = 96, 128  # not square and not the tower's size: maps must come back at this size
 PATCH_H, PATCH_W = 24, 32  # exactly 2x2 CLIP patches once squashed to 64x64
+
+EXTERNAL_MAPS = Settings(roi={"map_source": "external"})  # the ROI tokens take their map from CLIP
 
 
 def flat_image(patch_at: tuple[int, int] | None = None, seed: int | None = None) -> Image.Image:
@@ -262,11 +265,11 @@ def test_cli_reports_clip_usage_errors(configs, bright_file, tiny_path, capsys):
 
 def test_external_roi_maps_need_an_expert(tiny_path):
     with pytest.raises(ValueError, match="external expert"):
-        LocalEngine.from_pretrained(tiny_path, device="cpu", map_source="external")
+        LocalEngine.from_pretrained(tiny_path, device="cpu", settings=EXTERNAL_MAPS)
 
 
 def test_roi_boxes_follow_the_clip_map(tiny_path, bright_expert, monkeypatch):
-    engine = LocalEngine.from_pretrained(tiny_path, device="cpu", map_source="external", roi_expert=bright_expert)
+    engine = LocalEngine.from_pretrained(tiny_path, device="cpu", settings=EXTERNAL_MAPS, roi_expert=bright_expert)
     maps, preprocess = [], engine.processor.preprocess_images
 
     def spy(groups, roi_maps=None):
@@ -281,10 +284,10 @@ def test_roi_boxes_follow_the_clip_map(tiny_path, bright_expert, monkeypatch):
     for patch_at in [(0, 0), (60, 88), (0, 96), (72, 0)]:
         analysis = engine.encode([flat_image(patch_at)]).analysis
         centre_y, centre_x = patch_at[0] + PATCH_H // 2, patch_at[1] + PATCH_W // 2
-        x0, y0, x1, y1 = analysis.boxes[0][0].box  # the top box on the CLIP map (source = image size here)
+        x0, y0, x1, y1 = analysis.boxes[0][0].corners  # the top box on the CLIP map (source = image size here)
         assert x0 <= centre_x < x1 and y0 <= centre_y < y1
         assert x1 - x0 == y1 - y0 == crop  # one compact region, grown to one crop: not a merge of scattered peaks
-        assert analysis.roi_boxes[0][0] == analysis.boxes[0][0].box  # and it is the first ROI crop encoded
+        assert analysis.roi_boxes[0][0] == analysis.boxes[0][0]  # and it is the first ROI crop encoded
 
 
 def test_cli_inspect_with_clip_roi_maps(bright_spec, bright_file, tiny_path, capsys):

@@ -105,7 +105,7 @@ def test_llava_onevision_weights_are_carried_over(llava_folder, tmp_path):
     model, processor = from_llava_onevision(
         path, expert_file, roi={"source_max_side": 224}, expert={"feature_layers": [1, 2, 3, 4]}
     )
-    assert model.config.expert_config.embedding_dim == 32  # read from the expert file
+    assert model.config.expert.embedding_dim == 32  # read from the expert file
     ours = model.state_dict()
     for key, tensor in base.state_dict().items():
         assert torch.equal(ours[key], tensor), key

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from assistant.config import Settings
 from assistant.engine import LocalEngine
 from assistant.factory import tiny_assistant
 from assistant.heatmap import assemble_heatmap
@@ -28,14 +29,14 @@ def engine() -> LocalEngine:
 
 def test_the_score_shown_is_the_platt_scaled_expert_logit(engine):
     image = defect_image()
-    engine.model.config.expert = {**engine.model.config.expert, "score_scale": 0.5, "score_shift": -1.25}
+    engine.model.config.apply_settings(Settings(expert={"score_scale": 0.5, "score_shift": -1.25}))
     logit = float(engine.encode([image]).analysis.logits[0])
     assert engine.analyze(image).score == pytest.approx(1 / (1 + np.exp(-(0.5 * logit - 1.25))), abs=1e-6)
     assert abs(engine.analyze(image).score - 1 / (1 + np.exp(-logit))) > 0.05  # not the raw sigmoid
 
 
 def test_boxes_are_in_the_images_pixels_when_it_is_larger_than_the_roi_source(engine):
-    source_side = engine.model.config.roi_config.source_max_side
+    source_side = engine.model.config.roi.source_max_side
     image = defect_image(3 * source_side, 4 * source_side)  # the ROI source is this image at a quarter size
     analysis = engine.analyze(image)
     found = engine.encode([image]).analysis.boxes[0]
@@ -43,7 +44,7 @@ def test_boxes_are_in_the_images_pixels_when_it_is_larger_than_the_roi_source(en
     source_h, source_w = engine.encode([image]).analysis.heatmaps[0].shape
     assert (source_h, source_w) == (3 * source_side // 4, source_side)
     for box, scored in zip(analysis.boxes, found):
-        x0, y0, x1, y1 = scored.box
+        x0, y0, x1, y1 = scored.corners
         assert (box.x0, box.y0) == (x0 * 4, y0 * 4) and (box.x1, box.y1) == (x1 * 4, y1 * 4)
     assert max(box.x1 for box in analysis.boxes) > source_w  # beyond the source's width: rescaled
 

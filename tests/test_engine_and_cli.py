@@ -74,7 +74,7 @@ def test_verdict_has_image_resolution_heatmap_and_consistent_fields(engine):
     verdict = inspect(engine, image, max_new_tokens=8)
     assert verdict.heatmap.shape == (130, 170)
     assert 0.0 <= verdict.score <= 1.0
-    assert verdict.anomalous == (verdict.score >= engine.model.config.expert_config.decision_threshold)
+    assert verdict.anomalous == (verdict.score >= engine.model.config.expert.decision_threshold)
     assert verdict.anomalous or verdict.boxes == []
 
 
@@ -123,5 +123,5 @@ def test_cli_reports_bad_inputs_without_a_traceback(tiny_path, image_file, tmp_p
 def test_cli_init_tiny_writes_a_loadable_model(tmp_path, capsys):
     assert main(["init-tiny", str(tmp_path / "m"), "--no-roi"]) == 0
     engine = LocalEngine.from_pretrained(tmp_path / "m", device="cpu")
-    assert not engine.model.config.roi_config.enabled
+    assert not engine.model.config.roi.enabled
     assert np.isfinite(engine.analyze(defect_image()).score)

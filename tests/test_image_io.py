@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assistant.image_io import MAX_PIXELS, ImageError, load_image
+from assistant.image_io import MAX_PIXELS, ImageError, fit_long_side, load_image
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -83,3 +83,15 @@ def test_arrays_and_bad_arrays():
         load_image(np.full((3, 3), np.nan))
     with pytest.raises(ImageError, match="unsupported"):
         load_image(12345)
+
+
+def test_fitting_the_long_side_keeps_the_official_roundings():
+    """MMAD's and VisA-D&R's scripts truncate `int(side * scale)`; the ROI source, preview and metrics round."""
+    rng = np.random.default_rng(0)
+    for height, width, side in rng.integers(1, 5000, size=(5000, 3)).tolist():
+        scale = side / max(height, width)
+        official = max(1, int(height * scale)), max(1, int(width * scale))
+        assert fit_long_side((height, width), side, floor=True, upscale=True) == official
+        expected = (height, width) if scale >= 1 else (max(1, round(height * scale)), max(1, round(width * scale)))
+        assert fit_long_side((height, width), side) == expected
+    assert fit_long_side((3, 20_000), 1024) == (1, 1024)  # a line-scan strip keeps at least one row

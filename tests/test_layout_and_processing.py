@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from assistant.layout import anyres_grid, image_layout
+from assistant.layout import anyres_grid, expand_image_ids, image_layout
 from tests.helpers import defect_image
 
 SIZES = [(56, 56), (120, 160), (160, 120), (30, 300), (300, 30), (336, 336), (500, 90), (13, 17)]
@@ -79,6 +79,20 @@ def test_batch_padding_and_mismatched_images_are_rejected(tiny):
     assert batch["attention_mask"][:, -1].all()
     with pytest.raises(ValueError, match="placeholders"):
         processor(text=chat(processor, 1), images=[defect_image(), defect_image()])
+
+
+def test_one_expansion_for_ids_and_labels(tiny):
+    """`expand_images` serves the processor (ids) and the collator (ids + labels): image positions are no targets."""
+    model, processor = tiny
+    image = processor.image_token_id
+    reference = expand_image_ids(processor.layout((80, 200), is_query=False), model.config)
+    query = expand_image_ids(processor.layout((120, 160)), model.config)
+    ids, labels = processor.expand_images([7, image, 8, image, 9], [(80, 200), (120, 160)], [-100, 5, 8, 6, 9])
+    assert ids == [7, *reference, 8, *query, 9]
+    assert labels == [-100] * (1 + len(reference)) + [8] + [-100] * len(query) + [9]
+    assert processor.expand_images([7, 8], [])[1] == [-100, -100]  # no labels given: nothing is a target
+    with pytest.raises(ValueError, match="2 image tokens for 1 images"):
+        processor.expand_images([image, image], [(56, 56)])
 
 
 def test_external_roi_maps_are_resized_to_the_source(tiny):

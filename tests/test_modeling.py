@@ -28,7 +28,7 @@ def test_forward_with_and_without_roi(roi, tiny, tiny_no_roi):
     analysis = out.analysis
     assert analysis.scores.shape == (1,)
     assert analysis.heatmaps[0].shape == tuple(inputs["source_sizes"][0].tolist())
-    assert len(analysis.roi_boxes[0]) == model.config.roi_config.max_boxes
+    assert len(analysis.roi_boxes[0]) == model.config.roi.max_boxes
 
 
 def test_forward_with_a_reference_image(tiny):
@@ -67,7 +67,7 @@ def test_external_roi_map_decides_the_boxes():
     inputs = processor(text=text, images=[image], roi_maps=[anomaly_map.numpy()])
     with torch.no_grad():
         analysis = model(**inputs).analysis
-    x0, y0, x1, y1 = analysis.boxes[0][0].box
+    x0, y0, x1, y1 = analysis.boxes[0][0].corners
     assert x0 <= 20 and x1 >= 30 and y0 <= 150 and y1 >= 160
     with pytest.raises(ValueError, match="roi_maps"):
         model(**processor(text=text, images=[image]))

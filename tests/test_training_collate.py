@@ -1,4 +1,4 @@
-"""Stage-2 labels: exactly the answer tokens and their <|im_end|>; stage-1 batches and masks."""
+"""Stage-2 labels: exactly the answer tokens and the ChatML turn end after them; stage-1 batches and masks."""
 
 import numpy as np
 import pytest
@@ -32,10 +32,9 @@ def test_labels_are_the_answers_and_their_end_of_turn_only(fixture, request):
         (encode(processor, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"), False),
         (image_ids, False),
         (encode(processor, "\nAre there any defects?<|im_end|>\n<|im_start|>assistant\n"), False),
-        (encode(processor, "Yes<|im_end|>"), True),
-        (encode(processor, "\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n"), False),
-        (encode(processor, "top left<|im_end|>"), True),
-        (encode(processor, "\n"), False),
+        (encode(processor, "Yes<|im_end|>\n"), True),  # the template closes the turn with <|im_end|>\n
+        (encode(processor, "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n"), False),
+        (encode(processor, "top left<|im_end|>\n"), True),
     ]
     expected_ids = [token for ids, _ in pieces for token in ids]
     expected_labels = [token if answer else IGNORE_INDEX for ids, answer in pieces for token in ids]
@@ -47,7 +46,7 @@ def test_labels_are_the_answers_and_their_end_of_turn_only(fixture, request):
     labels = batch["labels"][0]
     end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     answered = labels[labels != IGNORE_INDEX].tolist()
-    assert answered.count(end_of_turn) == 2 and answered[-1] == end_of_turn
+    assert answered.count(end_of_turn) == 2 and answered[-2] == end_of_turn
     image_positions = batch["input_ids"][0] == processor.image_token_id
     assert image_positions.sum() > 0 and (labels[image_positions] == IGNORE_INDEX).all()
     phrase = encode(processor, " suspicious features: ")
@@ -57,7 +56,7 @@ def test_labels_are_the_answers_and_their_end_of_turn_only(fixture, request):
     assert set(phrase) <= set(image_ids)  # the inserted suspicion phrase is part of the ignored expansion
 
     decoded = processor.tokenizer.decode(batch["labels"][1][batch["labels"][1] != IGNORE_INDEX])
-    assert decoded == "No<|im_end|>"
+    assert decoded == "No<|im_end|>\n"
 
 
 def test_the_model_trains_only_on_labelled_positions(tiny):

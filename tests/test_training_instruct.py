@@ -189,7 +189,7 @@ def test_cli_runs_end_to_end_and_the_merged_model_loads(conversations, tmp_path,
     output = capsys.readouterr().out
     assert "instruct training finished" in output and "tokens/s" in output and "steps            2" in output
     merged = AssistantForConditionalGeneration.from_pretrained(tmp_path / "merged")
-    assert merged.config.roi["enabled"] is False
+    assert merged.config.roi.enabled is False
     assert main(["train", "merge", str(tmp_path / "adapter"), "--output", str(tmp_path / "again")]) == 0
     first = load_file(str(tmp_path / "merged" / "model.safetensors"))
     again = load_file(str(tmp_path / "again" / "model.safetensors"))

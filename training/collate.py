@@ -1,15 +1,17 @@
 """Batches for both stages, and the loss mask of stage 2.
 
 Stage 2 learns only what the assistant says: labels equal input_ids on every assistant answer token,
-including the `<|im_end|>` that closes the answer (so the model learns to stop), and are -100 everywhere
-else: system prompt, user turns, role headers, every image-token position, the suspicion phrase the
-processor inserts, and padding. (TRL's vision collator masks only padding; that would train the model to
-predict its own prompts and image placeholders.)
+including whatever the chat template closes the answer's turn with (`<|im_end|>` and a newline in
+ChatML, `<|eot_id|>` in Llama 3: the end-of-turn token the model must learn to stop with), and are -100
+everywhere else: system prompt, user turns, role headers, every image-token position, the suspicion phrase
+the processor inserts, and padding. (TRL's vision collator masks only padding; that would train the model
+to predict its own prompts and image placeholders.)
 
-Answer spans are found on the rendered text, not by matching token patterns: the chat template rendered
-up to a turn with the generation prompt is exactly what the model sees before it answers, so the answer
-starts where that prefix ends. Tokens are labelled by their character offsets, then expanded the same
-way the processor expands `<image>`, and checked against the processor's own input_ids.
+Answer spans are found by rendering the template, whatever it is, never by matching its tokens: the
+conversation rendered up to a turn with the generation prompt is exactly what the model sees before it
+answers, so the answer starts where that prefix ends; rendered through the answer, it ends where the
+template is done closing that turn. Tokens are labelled by their character offsets, expanded by the
+processor's own `expand_images`, and checked against the processor's input_ids.
 """
 
 from __future__ import annotations
@@ -22,27 +24,26 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from assistant.layout import expand_image_ids
-from assistant.processing import AssistantProcessor
-
-IGNORE_INDEX = -100
-END_OF_TURN = "<|im_end|>"
+from assistant.processing import IGNORE_INDEX, AssistantProcessor
 
 
 def answer_spans(processor: AssistantProcessor, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character span of every assistant answer + end-of-turn."""
-    text = processor.apply_chat_template(list(messages), tokenize=False)
+    """The rendered conversation and the [start, end) character span of every answer and the text closing its turn."""
+
+    def render(turns: int, generation_prompt: bool = False) -> str:
+        return processor.apply_chat_template(
+            list(messages[:turns]), tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    text = render(len(messages))
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = processor.apply_chat_template(list(messages[:index]), tokenize=False, add_generation_prompt=True)
-        if not text.startswith(prefix):
+        prompt, answered = render(index, generation_prompt=True), render(index + 1)
+        if not (answered.startswith(prompt) and text.startswith(answered)):
             raise ValueError("the chat template does not render conversations prefix by prefix; cannot find answers")
-        end = text.find(END_OF_TURN, len(prefix) + len(message["content"]))
-        if end < 0:
-            raise ValueError(f"the chat template does not close assistant turns with {END_OF_TURN}")
-        spans.append((len(prefix), end + len(END_OF_TURN)))
+        spans.append((len(prompt), len(answered)))
     return text, spans
 
 
@@ -58,30 +59,13 @@ def label_tokens(
     return encoding["input_ids"], labels
 
 
-def expand_labels(
-    processor: AssistantProcessor, ids: Sequence[int], labels: Sequence[int], image_sizes: Sequence[tuple[int, int]]
-) -> tuple[list[int], list[int]]:
-    """Expand every `<image>` as the processor does (last image = query); all its positions are IGNORE."""
-    layouts = iter([processor.layout(size, i == len(image_sizes) - 1) for i, size in enumerate(image_sizes)])
-    expanded_ids, expanded_labels = [], []
-    for token, label in zip(ids, labels):
-        if token == processor.image_token_id:
-            image_ids = expand_image_ids(next(layouts), processor.config)
-            expanded_ids += image_ids
-            expanded_labels += [IGNORE_INDEX] * len(image_ids)
-        else:
-            expanded_ids.append(token)
-            expanded_labels.append(label)
-    return expanded_ids, expanded_labels
-
-
 def conversation_labels(
     processor: AssistantProcessor, messages: Sequence[dict], image_sizes: Sequence[tuple[int, int]]
 ) -> tuple[str, list[int], list[int]]:
     """Rendered text, expanded input_ids and labels of one conversation."""
     text, spans = answer_spans(processor, messages)
     ids, labels = label_tokens(processor, text, spans)
-    return (text, *expand_labels(processor, ids, labels, image_sizes))
+    return (text, *processor.expand_images(ids, image_sizes, labels))
 
 
 @dataclass

@@ -94,13 +94,12 @@ def package(adapter: Path, expert_final: Path, destination: Path) -> Path:
     """The shipped form: base LLM named, not copied; LoRA and image side stored in float16."""
     from safetensors.torch import load_file, save_file
 
-    from assistant.checkpoint import load_model
-    from assistant.processing import AssistantProcessor
+    from assistant.checkpoint import load_checkpoint
 
     from .lora import load_adapter
 
-    model = load_adapter(load_model(expert_final), adapter)
-    folder = save_composed(model, AssistantProcessor.from_pretrained(expert_final), SMOLLM2, destination)
+    base, processor = load_checkpoint(expert_final)
+    folder = save_composed(load_adapter(base, adapter), processor, SMOLLM2, destination)
     adapter_file = folder / "adapter_model.safetensors"
     save_file({k: v.half() for k, v in load_file(str(adapter_file)).items()}, str(adapter_file))
     return folder

@@ -21,7 +21,7 @@ from assistant.factory import save_assistant
 from assistant.heatmap import crop_targets
 from assistant.modeling import AssistantForConditionalGeneration
 from assistant.processing import AssistantProcessor
-from assistant.vision import QueryAnalysis
+from assistant.vision import ImageAnalysis
 from data.folder import load_folder
 from data.synth_dataset import ensure_synthetic_dataset
 
@@ -51,9 +51,10 @@ class ExpertObjective(nn.Module):
 
     def forward(
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, source_sizes: torch.Tensor
-    ) -> QueryAnalysis:
+    ) -> ImageAnalysis:
         every_image = torch.ones(len(image_sizes), dtype=torch.bool, device=image_sizes.device)
-        return self._analyze(pixel_values, image_sizes, every_image, source_sizes, vision_grad=self.train_vision)
+        _, analysis = self._analyze(pixel_values, image_sizes, every_image, source_sizes, vision_grad=self.train_vision)
+        return analysis
 
 
 def select_trainable(model: AssistantForConditionalGeneration, train_vision: bool) -> None:
@@ -85,7 +86,7 @@ def expert_dataset(data: ExpertData, seed: int) -> ExpertDataset:
     return ExpertDataset(images, data.synthetic_anomalies, data.max_image_side, seed, data.synthetic_kinds)
 
 
-def map_loss(analysis: QueryAnalysis, batch: dict, objective: ExpertObjectiveConfig) -> torch.Tensor | None:
+def map_loss(analysis: ImageAnalysis, batch: dict, objective: ExpertObjectiveConfig) -> torch.Tensor | None:
     """The configured mask loss (`objective.mask_level`); None when no image of the batch has a known mask."""
     if objective.mask_level == "pixel":
         return mask_loss(analysis.heatmaps, batch["masks"], objective.focal_gamma)

@@ -7,21 +7,21 @@ little memory).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from accelerate import Accelerator
 from torch import nn
 from transformers import BitsAndBytesConfig
 
+from assistant.checkpoint import CheckpointError, load_checkpoint
 from assistant.factory import tiny_assistant
 from assistant.modeling import AssistantForConditionalGeneration
 from assistant.processing import AssistantProcessor
+from assistant.vision import IMAGE_MODULES
 
 from .config import ConfigError, ModelSource
 
 # transformers matches these as regexes from the start of the module name (or as its ending)
-NOT_QUANTISED = ["model.vision_tower", "model.multi_modal_projector", "model.anomaly_expert", "lm_head"]
+NOT_QUANTISED = [f"model.{name}" for name in IMAGE_MODULES] + ["lm_head"]
 
 
 def qlora_config() -> BitsAndBytesConfig:
@@ -57,23 +57,18 @@ def upcast_trainable(model: nn.Module) -> None:
 def load_assistant(
     source: ModelSource, dtype: torch.dtype | None = None, quantize: bool = False, device_index: int = 0
 ) -> tuple[AssistantForConditionalGeneration, AssistantProcessor]:
-    """The model and processor to train, with the config's ROI override applied to both."""
+    """The model and processor to train (any checkpoint kind, `checkpoint.load_checkpoint`), `model.settings`
+    applied to both."""
     if quantize:
         require_cuda_for_qlora()
         if source.tiny:
             raise ConfigError("QLoRA loads a checkpoint folder: save the tiny model first and give model.path")
-    if not source.tiny and not (Path(source.path) / "config.json").is_file():
-        raise ConfigError(f"model.path: {source.path} is not a model folder (no config.json)")
     if source.tiny:
         model, processor = tiny_assistant(seed=source.seed)
-        model = model.to(dtype) if dtype is not None else model
-    else:
-        kwargs = {"dtype": dtype or "auto"}
-        if quantize:
-            kwargs.update(quantization_config=qlora_config(), device_map={"": device_index})
-        model = AssistantForConditionalGeneration.from_pretrained(source.path, **kwargs)
-        processor = AssistantProcessor.from_pretrained(source.path, config=model.config)
-    if source.roi is not None:
-        model.config.roi = {**model.config.roi, "enabled": source.roi}
-        processor.config = model.config
-    return model, processor
+        model.config.apply_settings(source.settings)
+        return (model.to(dtype) if dtype is not None else model), processor
+    options = {"quantization_config": qlora_config(), "device_map": {"": device_index}} if quantize else {}
+    try:
+        return load_checkpoint(source.path, dtype or "auto", source.settings, **options)
+    except CheckpointError as error:
+        raise ConfigError(f"model.path: {error}") from error

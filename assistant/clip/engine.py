@@ -13,10 +13,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ..config import RoiConfig
-from ..engine import Analysis, Conversation, Engine
+from ..engine import Conversation, Engine
 from ..image_io import ImageInput, load_image, load_references
 from ..roi import detect_boxes
-from ..verdict import Box
+from ..verdict import Box, Verdict
 from .expert import ClipAnomalyExpert
 
 
@@ -37,23 +37,16 @@ class ClipEngine:
         self.text_engine = text_engine
         self.box_config = boxes or RoiConfig()  # Triad's rule: 90% of the map's range, at most 4 boxes
 
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Analysis:
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
         image = load_image(image, "image")
-        references = load_references(references)
-        score, heatmap = self.expert.score(image, references)
-        anomalous = score >= self.threshold
-        boxes = self.boxes(heatmap) if anomalous else []
-        return Analysis(score=score, anomalous=anomalous, heatmap=heatmap, boxes=boxes)
+        score, heatmap = self.expert.score(image, load_references(references))
+        return Verdict.of_expert(score, self.threshold, heatmap, self.boxes(heatmap), image.size)
 
     def boxes(self, heatmap: np.ndarray) -> list[Box]:
         """Triad boxes on the map, at least one CLIP patch wide (the map cannot localise finer)."""
         rows, cols = self.expert.grid_size
         min_side = math.ceil(max(heatmap.shape[0] / rows, heatmap.shape[1] / cols))
-        return [
-            Box(x0=x0, y0=y0, x1=x1, y1=y1, score=min(1.0, max(0.0, found.score)))
-            for found in detect_boxes(heatmap, min_side, self.box_config)
-            for x0, y0, x1, y1 in [found.box]
-        ]
+        return detect_boxes(heatmap, min_side, self.box_config)
 
     def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
         if self.text_engine is None:

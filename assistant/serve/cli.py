@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from ..errors import UsageError
+from ..options import add_settings_argument, run_settings
 from .plugin import MEDIA_CONNECTOR_NAME, PLUGIN_NAMES
 
 PYTHON_ENV = "ASSISTANT_SERVE_PYTHON"
@@ -65,9 +66,15 @@ def server_command(args: argparse.Namespace, model: str, python: str, cpu: bool)
         "--port", str(args.port),
         "--dtype", args.dtype,
         "--limit-mm-per-prompt", json.dumps({"image": args.max_images}),
+        # Our chat templates read each message's parts in order (`processing.with_image_parts`): stated, not detected,
+        # so vLLM never moves the images to the front of a message as it does for string-content templates.
+        "--chat-template-content-format", "openai",
     ]  # fmt: skip
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
+    settings = run_settings(args)
+    if settings:  # vLLM sets these on the config it loads; the config merges them into its sub-configs
+        command += ["--hf-overrides", settings.model_dump_json()]
     if args.allow_image_domain:  # read by our media connector and /v1/inspect (urls.ImageUrlPolicy)
         command += ["--allowed-media-domains", *args.allow_image_domain]
     if cpu:
@@ -143,6 +150,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kv-cache-gib", type=int, default=4, help="CPU only: KV-cache memory in GiB (default: %(default)s)"
     )
+    add_settings_argument(parser)
     parser.add_argument("--python", help=f"interpreter with vLLM installed (default: ${PYTHON_ENV}, else this one)")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after `--`: more vLLM server arguments")
     parser.set_defaults(handler=cmd_serve)

@@ -21,6 +21,7 @@ from vllm.engine.protocol import EngineClient
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 
+from ..config import AssistantConfig
 from ..prompts import INSPECTION_QUESTION
 from ..verdict import Verdict
 from .analysis import analysis_engine
@@ -47,6 +48,7 @@ class Inspector:
         self,
         chat: OpenAIServingChat,
         model_path: str,
+        config: AssistantConfig,
         names: list[str],
         dtype: torch.dtype,
         policy: ImageUrlPolicy,
@@ -54,6 +56,7 @@ class Inspector:
     ):
         self.chat = chat
         self.model_path = model_path
+        self.config = config  # vLLM's, with the server's --hf-overrides (`serve --set`) applied
         self.names = names
         self.dtype = dtype
         self.policy = policy
@@ -66,7 +69,7 @@ class Inspector:
         async with self._loading:
             if self._engine is None:
                 device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
-                analyst = await asyncio.to_thread(analysis_engine, self.model_path, self.dtype, device)
+                analyst = await asyncio.to_thread(analysis_engine, self.model_path, self.config, self.dtype, device)
                 self._engine = ServerEngine(analyst, self.chat, self.names[0], asyncio.get_running_loop())
         return self._engine
 
@@ -111,6 +114,7 @@ class InspectPlugin:
         state.anomaly_inspector = Inspector(
             state.openai_serving_chat,
             args.model,
+            engine_client.model_config.hf_config,
             names,
             engine_client.model_config.dtype,
             ImageUrlPolicy.from_domains(args.allowed_media_domains),

@@ -27,7 +27,7 @@ class ItemImageProcessor:
 
     def __init__(self, processor: AssistantProcessor):
         self.processor = processor
-        self.roi = processor.config.roi_config.enabled
+        self.roi = processor.config.roi.enabled
 
     def __call__(
         self, images: Sequence[Image.Image], image_is_query: Sequence[bool] | None = None, return_tensors: str = "pt"

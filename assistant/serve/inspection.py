@@ -18,20 +18,20 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import GracefulHTTPError
 
 from ..client import to_messages
-from ..engine import Analysis, Conversation, LocalEngine, inspect
+from ..engine import Conversation, ImageAnalyzer, inspect
 from ..verdict import Verdict
 
 
 class ServerEngine:
     """`analyze` on the image side, `complete` through chat completions on the server's event loop."""
 
-    def __init__(self, analyst: LocalEngine, chat: OpenAIServingChat, model: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, analyst: ImageAnalyzer, chat: OpenAIServingChat, model: str, loop: asyncio.AbstractEventLoop):
         self.analyst = analyst
         self.chat = chat
         self.model = model
         self.loop = loop
 
-    def analyze(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> Analysis:
+    def analyze(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> Verdict:
         return self.analyst.analyze(image, references)
 
     def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
@@ -59,7 +59,4 @@ class ServerEngine:
         """`engine.inspect`; with max_new_tokens == 0 the analysis alone (no reasoning, no defect name)."""
         if max_new_tokens > 0:
             return inspect(self, image, references, question, max_new_tokens)
-        analysis = self.analyze(image, references)
-        return Verdict(
-            anomalous=analysis.anomalous, score=analysis.score, heatmap=analysis.heatmap, boxes=analysis.boxes
-        )
+        return self.analyze(image, references)

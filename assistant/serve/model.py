@@ -25,7 +25,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from ..config import AssistantConfig
-from ..processing import source_size
+from ..image_io import fit_long_side
 from ..prompts import IMAGE_TOKEN
 from ..vision import IMAGE_MODULES, ImageEncoder
 from .processor import AssistantDummyInputsBuilder, AssistantMultiModalProcessor, AssistantProcessingInfo
@@ -59,7 +59,7 @@ class AssistantVllmModel(nn.Module, SupportsMultiModal):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: AssistantConfig = vllm_config.model_config.hf_config
-        if config.roi_config.map_source != "expert":
+        if config.roi.map_source != "expert":
             raise ValueError("serving needs roi.map_source='expert': requests cannot carry external anomaly maps")
         self.config = config
         self.configure_mm_token_handling(config.text_config.vocab_size, [config.image_token_id])
@@ -86,7 +86,7 @@ class AssistantVllmModel(nn.Module, SupportsMultiModal):
             return []
         image_sizes = torch.stack(list(kwargs["image_sizes"]))
         image_is_query = torch.stack(list(kwargs["image_is_query"]))
-        max_side = self.config.roi_config.source_max_side
+        max_side = self.config.roi.source_max_side
         sources = kwargs.get("roi_pixel_values")
         encoding = self.image_encoder.encode_images(
             pixel_values=torch.cat(list(kwargs["pixel_values"])),
@@ -94,7 +94,7 @@ class AssistantVllmModel(nn.Module, SupportsMultiModal):
             image_is_query=image_is_query,
             source_sizes=torch.tensor(
                 [
-                    source_size(tuple(size), max_side)
+                    fit_long_side(tuple(size), max_side)
                     for size, query in zip(image_sizes.tolist(), image_is_query)
                     if query
                 ],

@@ -119,7 +119,7 @@ class AssistantMultiModalProcessor(BaseMultiModalProcessor[AssistantProcessingIn
             "image_sizes": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
             "image_is_query": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
-        if self.info.get_hf_config().roi_config.enabled:
+        if self.info.get_hf_config().roi.enabled:
             fields["roi_pixel_values"] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..config import Settings
 from ..defaults import MODEL_ENV, default_model_path, resolve_model
 from ..engine import Engine, LocalEngine
 from ..errors import UsageError
@@ -34,6 +35,7 @@ def load_backend(
     served_model: str | None = None,
     api_key: str | None = None,
     device: str | None = None,
+    settings: Settings | None = None,
 ) -> Backend:
     """--endpoint, else --model / $ANOMALY_ASSISTANT_MODEL / the demo model, else the tiny random model.
 
@@ -49,8 +51,11 @@ def load_backend(
         engine = EndpointEngine(endpoint, served_model, api_key=api_key)
         return Backend(engine, f"served model `{served_model}` at {endpoint}")
     if model is None and not os.environ.get(MODEL_ENV) and default_model_path() is None:
-        engine = LocalEngine(*tiny_assistant())
+        model, processor = tiny_assistant()
+        if settings:
+            model.config.apply_settings(settings)
+        engine = LocalEngine(model, processor)
         return Backend(engine, "in-process tiny random model (no trained weights)", NO_WEIGHTS_NOTICE)
     path = resolve_model(model)
-    engine = LocalEngine.from_pretrained(path, device=device)
+    engine = LocalEngine.from_pretrained(path, device=device, settings=settings)
     return Backend(engine, f"in-process model `{path}` on {engine.device}")

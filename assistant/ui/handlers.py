@@ -30,7 +30,7 @@ from ..engine import Conversation, Engine
 from ..errors import AssistantError, one_line
 from ..image_io import ImageError, load_image, load_references
 from ..prompts import INSPECTION_QUESTION
-from .views import Label, Preview, chat_history, make_preview, overlay, regions, verdict_label
+from .views import Preview, chat_history, make_preview, overlay, regions, verdict_label
 
 T = TypeVar("T")
 NO_IMAGE = "Upload an image to inspect first (the “Image to inspect” box)."
@@ -43,7 +43,6 @@ class Session:
 
     uploads: tuple[str, str | None]  # cache paths of the query and reference uploads (content-addressed)
     messages: tuple[dict[str, str], ...]  # finished turns, as in `Conversation.messages`
-    label: Label
     preview: Preview
 
 
@@ -62,7 +61,7 @@ def _panel(session: Session, opacity: float, folder: Path) -> tuple:
     overlay(session.preview, opacity).save(heatmap, format="PNG")
     base, annotations = regions(session.preview)
     base.save(rois, format="PNG")
-    return session.label, str(heatmap), (str(rois), annotations)
+    return verdict_label(session.preview.verdict), str(heatmap), (str(rois), annotations)
 
 
 def _conversation(uploads: tuple[str, str | None], messages: list[dict[str, str]]) -> Conversation:
@@ -135,8 +134,8 @@ class ChatHandlers:
 
     def _start(self, conversation: Conversation, uploads: tuple[str, str | None]) -> Session:
         """A new session: the expert's analysis, kept only as the panel shows it."""
-        analysis = self.engine.analyze(conversation.image, conversation.references)
-        return Session(uploads, (), verdict_label(analysis), make_preview(conversation.image, analysis))
+        verdict = self.engine.analyze(conversation.image, conversation.references)
+        return Session(uploads, (), make_preview(conversation.image, verdict))
 
     @reported
     def chat(

@@ -1,4 +1,4 @@
-"""What the verdict panel and the chat show, computed from the expert's `Analysis` (plain values, no Gradio).
+"""What the verdict panel and the chat show, computed from the expert's `Verdict` (plain values, no Gradio).
 
 Large photos are scaled down once per analysis for display: the browser never needs more than about a
 screen's worth of pixels, and re-blending the heatmap at every opacity change stays instant.
@@ -6,16 +6,15 @@ screen's worth of pixels, and re-blending the heatmap at every opacity change st
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cv2
-import numpy as np
 from PIL import Image
 
-from ..engine import Analysis, Conversation
-from ..overlay import blend_heatmap, quantize
-from ..verdict import Box
+from ..engine import Conversation
+from ..image_io import fit_long_side
+from ..overlay import blend_heatmap
+from ..verdict import Verdict
 
 MAX_DISPLAY_SIDE = 1024
 PENDING = "…"
@@ -27,52 +26,45 @@ Label = dict[str, float] | str  # the gr.Label value: both classes with their pr
 
 @dataclass(frozen=True)
 class Preview:
-    """The query image with its heatmap and boxes at display size (what a session keeps of its analysis)."""
+    """The query image and its verdict at display size (what a session keeps of its analysis)."""
 
     image: Image.Image
-    heatmap: np.ndarray  # [h, w] uint8 levels (`overlay.quantize`): all the colour map can show, 1 byte a pixel
-    boxes: list[Box]
+    verdict: Verdict  # heatmap and boxes in the display image's pixels
 
 
-def _scale_box(box: Box, scale: float, width: int, height: int) -> Box:
-    x0, y0 = min(width - 1, math.floor(box.x0 * scale)), min(height - 1, math.floor(box.y0 * scale))
-    x1 = min(width, max(x0 + 1, math.ceil(box.x1 * scale)))
-    y1 = min(height, max(y0 + 1, math.ceil(box.y1 * scale)))
-    return Box(x0=x0, y0=y0, x1=x1, y1=y1, score=box.score)
-
-
-def make_preview(image: Image.Image, analysis: Analysis, max_side: int = MAX_DISPLAY_SIDE) -> Preview:
+def make_preview(image: Image.Image, verdict: Verdict, max_side: int = MAX_DISPLAY_SIDE) -> Preview:
+    height, width = fit_long_side((image.height, image.width), max_side)
+    if (width, height) == image.size:
+        return Preview(image, verdict)
     scale = max_side / max(image.size)
-    if scale >= 1.0:
-        return Preview(image, quantize(analysis.heatmap), list(analysis.boxes))
-    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    heatmap = cv2.resize(analysis.heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
-    boxes = [_scale_box(box, scale, width, height) for box in analysis.boxes]
-    return Preview(image.resize((width, height), Image.Resampling.LANCZOS), quantize(heatmap), boxes)
+    heatmap = cv2.resize(verdict.heatmap, (width, height), interpolation=cv2.INTER_AREA).clip(0, 1)
+    boxes = [box.scaled(scale, scale, width, height) for box in verdict.boxes]
+    shown = verdict.model_copy(update={"heatmap": heatmap, "boxes": boxes})
+    return Preview(image.resize((width, height), Image.Resampling.LANCZOS), shown)
 
 
-def verdict_label(analysis: Analysis) -> Label:
+def verdict_label(verdict: Verdict) -> Label:
     """Both classes with the calibrated score for gr.Label, whose heading is the most probable class.
 
     A model configured with a decision threshold other than 0.5 can call a 0.4 score anomalous; the
     heading must still say what the model decided, so that case falls back to a plain text verdict.
     """
-    verdict = "Anomalous" if analysis.anomalous else "Normal"
-    probabilities = {"Anomalous": analysis.score, "Normal": 1.0 - analysis.score}
-    if max(probabilities, key=probabilities.__getitem__) == verdict:
+    decision = "Anomalous" if verdict.anomalous else "Normal"
+    probabilities = {"Anomalous": verdict.score, "Normal": 1.0 - verdict.score}
+    if max(probabilities, key=probabilities.__getitem__) == decision:
         return probabilities
-    return f"{verdict} (anomaly score {analysis.score:.2f})"
+    return f"{decision} (anomaly score {verdict.score:.2f})"
 
 
 def overlay(preview: Preview, opacity: float) -> Image.Image:
-    return blend_heatmap(preview.image, preview.heatmap, opacity, preview.boxes)
+    return blend_heatmap(preview.image, preview.verdict.heatmap, opacity, preview.verdict.boxes)
 
 
 def regions(preview: Preview) -> Annotations:
     """gr.AnnotatedImage value: the image and one labelled box per suspicious region."""
     return preview.image, [
         ((box.x0, box.y0, box.x1, box.y1), f"region {index} · peak {box.score:.2f}")
-        for index, box in enumerate(preview.boxes, start=1)
+        for index, box in enumerate(preview.verdict.boxes, start=1)
     ]
 
 
