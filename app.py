@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = run_settings(args)
         backend = load_backend(args.model, args.endpoint, args.served_model, args.api_key, args.device, settings)
-    except (AssistantError, FileNotFoundError) as error:
+    except (AssistantError, FileNotFoundError, ValueError) as error:  # e.g. settings the model cannot run with
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"backend: {backend.description}", flush=True)

@@ -22,6 +22,7 @@ COMMAND_FAMILIES = ("assistant.serve.cli", "eval.cli", "training.cli", "data.cli
 
 def load_engine(args: argparse.Namespace, concurrency: int = 1):
     """The in-process model, or (with --endpoint) the OpenAI-compatible server that serves one."""
+    settings = run_settings(args)  # refuses --set with --endpoint
     if args.endpoint:
         from .client import EndpointEngine
 
@@ -31,7 +32,7 @@ def load_engine(args: argparse.Namespace, concurrency: int = 1):
         )
     from .engine import LocalEngine
 
-    return LocalEngine.from_pretrained(resolve_model(args.model), device=args.device, settings=run_settings(args))
+    return LocalEngine.from_pretrained(resolve_model(args.model), device=args.device, settings=settings)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

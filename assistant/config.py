@@ -85,17 +85,17 @@ class RoiConfig(_SubConfig):
 SUB_CONFIGS: dict[str, type[_SubConfig]] = {"expert": ExpertConfig, "roi": RoiConfig}
 
 
-def _changes_model(kind: type[_SubConfig]) -> type[BaseModel]:
+def _changes_model(kind: type[_SubConfig], name: str) -> type[BaseModel]:
     """`kind` with every field optional (None = unchanged) but its types and bounds kept; unknown keys rejected."""
     fields = {
         name: (Optional[Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation], None)
         for name, info in kind.model_fields.items()
     }
-    return create_model(f"{kind.__name__}Changes", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+    return create_model(name, __module__=__name__, __config__=ConfigDict(extra="forbid", frozen=True), **fields)
 
 
-ExpertChanges = _changes_model(ExpertConfig)
-RoiChanges = _changes_model(RoiConfig)
+ExpertChanges = _changes_model(ExpertConfig, "ExpertChanges")
+RoiChanges = _changes_model(RoiConfig, "RoiChanges")
 
 
 class Settings(BaseModel):
@@ -128,9 +128,9 @@ class Settings(BaseModel):
         for assignment in assignments:
             key, sep, text = assignment.partition("=")
             section, dot, field = key.strip().partition(".")
-            if not sep or not dot or not field:
+            if not sep or not dot or not field or not text.strip():
                 raise SettingsError(f"{assignment!r}: expected SECTION.KEY=VALUE, e.g. roi.enabled=false")
-            changes.setdefault(section, {})[field] = yaml.safe_load(text) if text.strip() else None
+            changes.setdefault(section, {})[field] = yaml.safe_load(text)
         return cls.checked(changes)
 
     @classmethod

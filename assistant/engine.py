@@ -161,7 +161,9 @@ class ImageAnalyzer:
         self.roi_expert = roi_expert
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
-        self._lock = threading.RLock()  # one model call at a time; also guards the image cache
+        # One model call at a time; also guards the image cache. A plain Lock, not an RLock: a streaming generator
+        # holds it across yields, and Gradio may resume the generator on another worker thread.
+        self._lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -170,17 +172,21 @@ class ImageAnalyzer:
     def encode(self, images: Sequence[Image.Image]) -> ImageEncoding:
         """Encode a query (last) with its references, cached by pixel content."""
         with self._lock:
-            key = _image_key(images)
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            inputs = self.processor.preprocess_images([list(images)], roi_maps=self._roi_maps(images))
-            with torch.inference_mode():
-                encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()})
-            self._cache[key] = encoding
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-            return encoding
+            return self._encode(images)
+
+    def _encode(self, images: Sequence[Image.Image]) -> ImageEncoding:
+        """`encode` for a caller that holds the lock."""
+        key = _image_key(images)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        inputs = self.processor.preprocess_images([list(images)], roi_maps=self._roi_maps(images))
+        with torch.inference_mode():
+            encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()})
+        self._cache[key] = encoding
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return encoding
 
     def _roi_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
         """The external expert's map of the query (last image), the earlier images as its normal references."""
@@ -226,7 +232,7 @@ class LocalEngine(ImageAnalyzer):
         batch = self.processor.tokenize(texts, sizes, padding_side="left")
         input_ids = batch["input_ids"].to(self.device)
         embeds = self.model.get_input_embeddings()(input_ids)
-        image_embeddings = [self.encode(c.images).embeddings for c in conversations if c.images]
+        image_embeddings = [self._encode(c.images).embeddings for c in conversations if c.images]
         if image_embeddings:
             embeds = self.model.model.merge_image_embeddings(input_ids, embeds, torch.cat(image_embeddings))
         return embeds, batch["attention_mask"].to(self.device)

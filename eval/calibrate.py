@@ -44,14 +44,14 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(regression.coef_[0, 0]), float(regression.intercept_[0])
 
 
-def expert_logits(model: Path, device: str | None, images: list) -> np.ndarray:
+def expert_logits(model: Path, device: str | None, images: list, settings=None) -> np.ndarray:
     """Raw expert logits of labelled images, in order, with a progress bar."""
     from tqdm.auto import tqdm
 
     from assistant.engine import LocalEngine
     from assistant.image_io import load_image
 
-    engine = LocalEngine.from_pretrained(model, device=device)
+    engine = LocalEngine.from_pretrained(model, device=device, settings=settings)
     logits = []
     for item in tqdm(images, desc="expert logits"):
         analysis = engine.encode([load_image(item.image)]).analysis
@@ -69,12 +69,13 @@ def run(args: argparse.Namespace) -> Path:
 
     from assistant.defaults import resolve_model
     from assistant.files import write_text_atomic
+    from assistant.options import run_settings
     from data.folder import load_folder
 
     model = resolve_model(args.model)
     images = load_folder(args.data, args.layout, args.split, args.categories.split(",") if args.categories else ())
     labels = np.array([int(item.anomalous) for item in images])
-    logits = expert_logits(model, args.device, images)
+    logits = expert_logits(model, args.device, images, run_settings(args))
     scale, shift = fit_platt(logits, labels)
     raw, calibrated = expit(logits), expit(scale * logits + shift)
     print(f"{len(images)} images ({labels.sum()} anomalous) from {args.data} [{args.split}]")

@@ -1,4 +1,4 @@
-"""What the engine's Analysis is made of: the Platt-scaled score, boxes in the image's own pixels, both heatmap views.
+"""What the engine's verdict is made of: the Platt-scaled score, boxes in the image's own pixels, both heatmap views.
 
 Each test fails when its step is skipped (raw sigmoid shown, boxes left in ROI-source pixels, tiles dropped
 from the heatmap), without relying on trained weights: the test models are identity-calibrated and their

@@ -53,6 +53,7 @@ def test_settings_change_only_what_they_name_and_are_validated_as_a_whole():
         ("roi.map_source=clip", r"^roi\.map_source: Input should be 'expert' or 'external'$"),
         ("expert.decision_threshold=high", r"^expert\.decision_threshold: Input should be a valid number"),
         ("roi", r"expected SECTION\.KEY=VALUE"),
+        ("roi.enabled=", r"expected SECTION\.KEY=VALUE"),
     ],
 )
 def test_unknown_keys_and_wrong_values_name_their_key_path(assignment, message):
@@ -68,6 +69,12 @@ def test_the_cli_applies_settings_and_reports_bad_ones_in_one_line(tiny_path, im
     assert json.loads(capsys.readouterr().out)["anomalous"] is True  # every score is >= 0
     assert main([*argv, "--set", "expert.decision_threshold=1.0", "--set", "expert.score_shift=-50"]) == 0
     assert json.loads(capsys.readouterr().out)["anomalous"] is False
+
+
+def test_settings_are_refused_for_an_endpoint(image_file, capsys):
+    argv = ["inspect", image_file, "--endpoint", "http://127.0.0.1:9/v1", "--served-model", "m", "--set", "roi.pool=1"]
+    assert main(argv) == 2  # refused before any request: a server's settings are its own
+    assert "serve --set" in capsys.readouterr().err
 
 
 def test_an_engine_reads_settings_once_at_load(tiny_path):

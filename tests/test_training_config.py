@@ -143,3 +143,11 @@ def test_configs_are_frozen():
     config = parse_config(INSTRUCT, "instruct")
     with pytest.raises(ValidationError, match="frozen"):
         config.run.batch_size = 3
+
+
+@pytest.mark.parametrize(("saved", "enabled"), [(None, True), (False, False)])
+def test_a_config_saved_before_model_settings_still_loads(saved, enabled):
+    """Adapters trained earlier carry `model.roi` in their train_config.yaml; `train merge` must still read it."""
+    config = parse_config({"model": {"tiny": True, "roi": saved}, "data": {"json_path": "a"}}, "instruct")
+    model, _ = load_assistant(config.model)
+    assert model.config.roi.enabled is enabled

@@ -38,6 +38,17 @@ class ModelSource(_Section):
     seed: int = 0  # seed of the tiny model
     settings: Settings = Settings()  # changes to the checkpoint's expert/ROI sub-configs, e.g. {roi: {enabled: false}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _saved_roi_flag(cls, data: object) -> object:
+        """Configs saved before `settings` existed hold `roi: true|false|null` (an override of roi.enabled)."""
+        if isinstance(data, dict) and "roi" in data and "settings" not in data:
+            data = dict(data)
+            enabled = data.pop("roi")
+            if enabled is not None:
+                data["settings"] = {"roi": {"enabled": enabled}}
+        return data
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
         if (self.path is None) == (not self.tiny):

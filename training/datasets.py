@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from assistant.image_io import load_image
+from assistant.image_io import fit_long_side, load_image
 from data.folder import LabelledImage
 from data.instruct import InstructSample
 from data.synthetic import synthesize_defect
@@ -40,10 +40,8 @@ class EpochSampler(Sampler[int]):
 def _downscale(image: Image.Image, max_side: int | None) -> Image.Image:
     if max_side is None or max(image.size) <= max_side:
         return image
-    scale = max_side / max(image.size)
-    return image.resize(
-        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
-    )
+    height, width = fit_long_side((image.height, image.width), max_side)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
 class ExpertDataset(Dataset):
