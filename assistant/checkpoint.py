@@ -250,10 +250,9 @@ def load_image_side(
     """
     path = Path(path)
     if is_composed(path):
-        model = _compose(path, config).to(dtype)
+        model = _compose(path, config)
     else:
         files = tensor_files(path)
         model = ImageEncoder(config, _token_rows(files, [t for ids in config.adverb_token_ids for t in ids]))
         model.load_state_dict(_read_image_side(files), strict=True)
-        model = model.to(dtype)
-    return model, AssistantProcessor.from_pretrained(path, config=config)
+    return model.to(dtype), AssistantProcessor.from_pretrained(path, config=config)

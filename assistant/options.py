@@ -24,9 +24,9 @@ def add_settings_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_settings(args: argparse.Namespace, **changes: dict) -> Settings:
     """`--set` assignments (and command-specific `changes`, which win) as validated `Settings`."""
-    from .config import Settings
+    from .config import SUB_CONFIGS, Settings
 
     if args.settings and getattr(args, "endpoint", None):
         raise UsageError("--set changes an in-process model: a server's settings are given to `serve --set`")
     parsed = Settings.parse(args.settings)
-    return Settings.checked({name: {**parsed.changes(name), **changes.get(name, {})} for name in ("expert", "roi")})
+    return Settings.checked({name: {**parsed.changes(name), **changes.get(name, {})} for name in SUB_CONFIGS})

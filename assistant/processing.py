@@ -230,7 +230,7 @@ class AssistantProcessor(ProcessorMixin):
             raise ValueError(f"text has {count} image tokens for {len(image_sizes)} images")
         layouts = iter(self.layout(size, index == len(image_sizes) - 1) for index, size in enumerate(image_sizes))
         expanded_ids, expanded_labels = [], []
-        for token, label in zip(ids, labels or [IGNORE_INDEX] * len(ids)):
+        for token, label in zip(ids, [IGNORE_INDEX] * len(ids) if labels is None else labels, strict=True):
             if token == self.image_token_id:
                 image_ids = expand_image_ids(next(layouts), self.config)
                 expanded_ids += image_ids

@@ -69,10 +69,14 @@ def merge_boxes(boxes: list[Corners], min_overlap: float) -> list[Corners]:
     return boxes
 
 
-def _scored(anomaly_map: np.ndarray, corners: Corners) -> Box:
-    """The box with its peak anomaly score, clipped to [0, 1] like the heatmap a verdict shows."""
+def _peak(anomaly_map: np.ndarray, corners: Corners) -> float:
     x0, y0, x1, y1 = corners
-    peak = float(anomaly_map[y0:y1, x0:x1].max())
+    return float(anomaly_map[y0:y1, x0:x1].max())
+
+
+def _box(corners: Corners, peak: float) -> Box:
+    """The box scored with its peak, clipped to [0, 1] like the heatmap a verdict shows."""
+    x0, y0, x1, y1 = corners
     return Box(x0=x0, y0=y0, x1=x1, y1=y1, score=min(1.0, max(0.0, peak)))
 
 
@@ -93,9 +97,9 @@ def detect_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> l
         x, y, w, h = cv2.boundingRect(contour)
         corners.append(grow_box((x, y, x + w, y + h), min_side, width, height))
     corners = [square_box(box, width, height) for box in merge_boxes(corners, config.merge_overlap)]
-    peaks = {box: float(anomaly_map[box[1] : box[3], box[0] : box[2]].max()) for box in corners}
+    peaks = {box: _peak(anomaly_map, box) for box in corners}  # ranked unclipped, as Triad does
     ranked = sorted(peaks, key=lambda box: (-peaks[box], box))
-    return [_scored(anomaly_map, box) for box in ranked[: config.max_boxes]]
+    return [_box(box, peaks[box]) for box in ranked[: config.max_boxes]]
 
 
 def fill_boxes(anomaly_map: np.ndarray, boxes: list[Box], min_side: int, count: int) -> list[Box]:
@@ -110,7 +114,7 @@ def fill_boxes(anomaly_map: np.ndarray, boxes: list[Box], min_side: int, count: 
             remaining = anomaly_map.astype(np.float64, copy=True)  # whole image covered: allow repeats
         y, x = np.unravel_index(int(np.argmax(remaining)), remaining.shape)
         corners = grow_box((int(x), int(y), int(x) + 1, int(y) + 1), min_side, width, height)
-        boxes.append(_scored(anomaly_map, corners))
+        boxes.append(_box(corners, _peak(anomaly_map, corners)))
         remaining[corners[1] : corners[3], corners[0] : corners[2]] = -np.inf
     return boxes
 

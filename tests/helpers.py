@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import openai
+import torch
 from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
+from assistant.client import to_messages
 from assistant.engine import Conversation, LocalEngine
 from assistant.factory import tiny_assistant, tiny_tokenizer
 from assistant.verdict import Verdict
@@ -40,6 +43,44 @@ def defect_image(height: int = 120, width: int = 160, seed: int = 0, defect: boo
         y, x = height // 3, width // 2
         pixels[y : y + max(2, height // 20), x - width // 6 : x + width // 6] = 245
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def model_inputs(processor, images: list[Image.Image], question: str = "Are there any defects?"):
+    """The processor's model inputs for one user turn: the images, then the question."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    return processor(text=text, images=images)
+
+
+def transformers_tokens(
+    engine: LocalEngine, conversation: Conversation, max_new_tokens: int
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy answer ids) from transformers' own `generate` with pixel inputs: what vLLM must match."""
+    processor = engine.processor
+    text = processor.apply_chat_template(conversation.chat(), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=conversation.images)
+    tokenizer = processor.tokenizer
+    with torch.inference_mode():
+        output = engine.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    prompt = inputs["input_ids"][0].tolist()
+    return prompt, output[0, len(prompt) :].tolist()
+
+
+def served_tokens(client: openai.OpenAI, name: str, conversation: Conversation, max_new_tokens: int):
+    """(prompt ids, answer ids, response) of a greedy chat completion on our vLLM server."""
+    response = client.chat.completions.create(
+        model=name, messages=to_messages(conversation), max_tokens=max_new_tokens, temperature=0,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    return response.model_extra["prompt_token_ids"], response.choices[0].model_extra["token_ids"], response
 
 
 def expected_answer(engine: LocalEngine, conversation: Conversation) -> str:

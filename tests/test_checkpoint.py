@@ -7,18 +7,9 @@ import torch
 
 from assistant.checkpoint import BASE_LLM_FILE, BaseLLM, CheckpointError, is_composed, load_checkpoint, save_composed
 from assistant.factory import tiny_assistant
-from tests.helpers import defect_image
+from tests.helpers import defect_image, model_inputs
 from training.config import LoraSettings
 from training.lora import apply_lora
-
-
-def inputs_for(processor):
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Defect?"}]}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    return processor(text=text, images=[defect_image()])
 
 
 def test_composed_round_trip_gives_the_trained_model(tmp_path, monkeypatch):
@@ -33,7 +24,7 @@ def test_composed_round_trip_gives_the_trained_model(tmp_path, monkeypatch):
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)  # a non-trivial adapter
         trained.base_model.model.model.multi_modal_projector.linear_2.bias.add_(0.25)  # a trained projector
-    inputs = inputs_for(processor)
+    inputs = model_inputs(processor, [defect_image()], "Defect?")
     with torch.no_grad():
         expected = trained(**inputs).logits
 

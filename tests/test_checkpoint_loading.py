@@ -16,8 +16,7 @@ from assistant.cli import main
 from assistant.defaults import default_model_path
 from assistant.engine import ImageAnalyzer, LocalEngine
 from assistant.factory import tiny_assistant
-from tests.helpers import defect_image
-from tests.test_checkpoint import inputs_for
+from tests.helpers import defect_image, model_inputs
 from training.config import LoraSettings
 from training.lora import apply_lora
 
@@ -42,7 +41,7 @@ def test_export_writes_the_composed_model_as_a_plain_folder(composed, tmp_path):
     assert main(["export", str(tmp_path / "plain"), "--model", str(composed)]) == 0
     (from_composed, processor), (from_plain, _) = load_checkpoint(composed), load_checkpoint(tmp_path / "plain")
     assert not (tmp_path / "plain" / "base_llm.json").exists()
-    inputs = inputs_for(processor)
+    inputs = model_inputs(processor, [defect_image()], "Defect?")
     with torch.no_grad():
         torch.testing.assert_close(from_plain(**inputs).logits, from_composed(**inputs).logits)
 

@@ -7,21 +7,13 @@ import torch
 
 from assistant import AssistantForConditionalGeneration, AssistantProcessor
 from assistant.factory import tiny_assistant
-from tests.helpers import defect_image
-
-
-def inputs_for(processor, images, question="Are there any defects?"):
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-    return processor(text=text, images=images)
+from tests.helpers import defect_image, model_inputs
 
 
 @pytest.mark.parametrize("roi", [True, False])
 def test_forward_with_and_without_roi(roi, tiny, tiny_no_roi):
     model, processor = tiny if roi else tiny_no_roi
-    inputs = inputs_for(processor, [defect_image()])
+    inputs = model_inputs(processor, [defect_image()])
     with torch.no_grad():
         out = model(**inputs)
     assert out.logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
@@ -33,7 +25,7 @@ def test_forward_with_and_without_roi(roi, tiny, tiny_no_roi):
 
 def test_forward_with_a_reference_image(tiny):
     model, processor = tiny
-    inputs = inputs_for(processor, [defect_image(defect=False, seed=3), defect_image()])
+    inputs = model_inputs(processor, [defect_image(defect=False, seed=3), defect_image()])
     with torch.no_grad():
         out = model(**inputs)
     assert out.analysis.scores.shape == (1,)  # only the query is analysed
@@ -43,7 +35,7 @@ def test_forward_with_a_reference_image(tiny):
 def test_roi_tokens_come_from_the_chosen_regions(tiny):
     """Changing pixels inside the ROI crops changes the ROI embeddings; the rest of the layout is fixed."""
     model, processor = tiny
-    inputs = inputs_for(processor, [defect_image()])
+    inputs = model_inputs(processor, [defect_image()])
     with torch.no_grad():
         first = model.encode_images(**{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
         changed = dict(inputs)
@@ -80,7 +72,7 @@ def test_score_picks_the_suspicion_adverb(tiny, bias, adverb):
     head = model.anomaly_expert.selector.score_head[2]
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.constant_(head.bias, bias)  # score = sigmoid(bias): ~0, 0.5, ~1
-    inputs = inputs_for(processor, [defect_image()])
+    inputs = model_inputs(processor, [defect_image()])
     with torch.no_grad():
         encoding = model.encode_images(**{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
     layout = encoding.layouts[0]
@@ -94,7 +86,7 @@ def test_save_and_load_give_identical_logits(tiny, tiny_path):
     loaded = AssistantForConditionalGeneration.from_pretrained(tiny_path).eval()
     loaded_processor = AssistantProcessor.from_pretrained(tiny_path)
     image = defect_image(90, 150)
-    a, b = inputs_for(processor, [image]), inputs_for(loaded_processor, [image])
+    a, b = model_inputs(processor, [image]), model_inputs(loaded_processor, [image])
     for key in a:
         assert torch.equal(a[key], b[key]), key
     saved, restored = model.state_dict(), loaded.state_dict()
@@ -109,7 +101,7 @@ def test_save_and_load_give_identical_logits(tiny, tiny_path):
 
 def test_generation_runs_end_to_end(tiny):
     model, processor = tiny
-    inputs = inputs_for(processor, [defect_image()])
+    inputs = model_inputs(processor, [defect_image()])
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert tokens.shape[1] == inputs["input_ids"].shape[1] + 6 or processor.tokenizer.eos_token_id in tokens[0]
@@ -118,7 +110,7 @@ def test_generation_runs_end_to_end(tiny):
 def test_loss_only_on_labelled_tokens_and_gradients_reach_the_expert(tiny):
     model, processor = tiny
     model = copy.deepcopy(model).train()
-    inputs = inputs_for(processor, [defect_image()])
+    inputs = model_inputs(processor, [defect_image()])
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[0, -3:] = inputs["input_ids"][0, -3:]
     out = model(**inputs, labels=labels)
@@ -135,7 +127,7 @@ def test_loss_only_on_labelled_tokens_and_gradients_reach_the_expert(tiny):
 
 def test_mismatched_placeholders_give_a_clear_error(tiny):
     model, processor = tiny
-    inputs = inputs_for(processor, [defect_image()])
+    inputs = model_inputs(processor, [defect_image()])
     keep = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     keep[0, inputs["input_ids"][0].tolist().index(processor.image_token_id)] = False
     inputs["input_ids"] = inputs["input_ids"][keep][None]
@@ -147,4 +139,4 @@ def test_mismatched_placeholders_give_a_clear_error(tiny):
 def test_llama_text_model_also_works():
     model, processor = tiny_assistant(text_model="llama")
     with torch.no_grad():
-        assert torch.isfinite(model(**inputs_for(processor, [defect_image()])).logits).all()
+        assert torch.isfinite(model(**model_inputs(processor, [defect_image()])).logits).all()

@@ -15,11 +15,10 @@ import openai
 import pytest
 import torch
 
-from assistant.client import to_messages
 from assistant.engine import Conversation, LocalEngine
 from assistant.factory import save_assistant
 from assistant.serve.process import ServerProcess
-from tests.helpers import defect_image, llama3_assistant
+from tests.helpers import defect_image, llama3_assistant, served_tokens, transformers_tokens
 
 API_KEY = "sk-test-chat-template"
 NAME = "llama3"
@@ -55,30 +54,12 @@ def server(checkpoint, serving_python, tmp_path_factory):
         yield running
 
 
-def transformers_tokens(engine: LocalEngine, conversation: Conversation) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy answer ids) from transformers' own `generate` with pixel inputs."""
-    processor = engine.processor
-    text = processor.apply_chat_template(conversation.chat(), add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=text, images=conversation.images)
-    tokenizer = processor.tokenizer
-    with torch.inference_mode():
-        output = engine.model.generate(
-            **inputs, max_new_tokens=MAX_TOKENS, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, output[0, len(prompt) :].tolist()
-
-
 def assert_agreement(server: ServerProcess, engine: LocalEngine, conversation: Conversation) -> str:
     client = openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=120)
-    response = client.chat.completions.create(
-        model=NAME, messages=to_messages(conversation), max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"return_token_ids": True},
-    )  # fmt: skip
-    prompt, answer = transformers_tokens(engine, conversation)
-    assert response.model_extra["prompt_token_ids"] == prompt, "vLLM rendered another prompt than the processor"
-    assert response.choices[0].model_extra["token_ids"] == answer
+    prompt, answer, response = served_tokens(client, NAME, conversation, MAX_TOKENS)
+    expected_prompt, expected_answer = transformers_tokens(engine, conversation, MAX_TOKENS)
+    assert prompt == expected_prompt, "vLLM rendered another prompt than the processor"
+    assert answer == expected_answer
     return response.choices[0].message.content
 
 
@@ -86,7 +67,7 @@ def assert_agreement(server: ServerProcess, engine: LocalEngine, conversation: C
 def test_one_image_matches(server, local):
     conversation = Conversation.start(defect_image(), QUESTION)
     assert_agreement(server, local, conversation)
-    prompt, _ = transformers_tokens(local, conversation)
+    prompt, _ = transformers_tokens(local, conversation, MAX_TOKENS)
     assert local.processor.tokenizer.convert_ids_to_tokens(prompt[:2]) == ["<|begin_of_text|>", "<|start_header_id|>"]
 
 

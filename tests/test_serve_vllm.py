@@ -27,7 +27,7 @@ from assistant.image_io import MAX_BYTES
 from assistant.serve.plugin import OPEN_PATHS
 from assistant.serve.process import ServerProcess, free_port
 from assistant.verdict import Verdict
-from tests.helpers import defect_image
+from tests.helpers import defect_image, served_tokens, transformers_tokens
 
 API_KEY = "sk-test-assistant"
 NAME = "tiny"
@@ -150,35 +150,9 @@ def servers(checkpoints, serving_python, image_host, tmp_path_factory) -> dict[s
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
-def transformers_tokens(engine: LocalEngine, conversation: Conversation, max_new_tokens: int = MAX_TOKENS):
-    """(prompt ids, greedy answer ids) from transformers' own `generate` with pixel inputs."""
-    processor = engine.processor
-    text = processor.apply_chat_template(conversation.chat(), add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=text, images=conversation.images)
-    tokenizer = processor.tokenizer
-    with torch.inference_mode():
-        output = engine.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, output[0, len(prompt) :].tolist()
-
-
-def served_tokens(server: ServerProcess, conversation: Conversation, max_new_tokens: int = MAX_TOKENS):
-    response = client(server).chat.completions.create(
-        model=NAME, messages=to_messages(conversation), max_tokens=max_new_tokens, temperature=0,
-        extra_body={"return_token_ids": True},
-    )  # fmt: skip
-    return response.model_extra["prompt_token_ids"], response.choices[0].model_extra["token_ids"], response
-
-
 def assert_agreement(server: ServerProcess, engine: LocalEngine, conversation: Conversation) -> str:
-    prompt, answer, response = served_tokens(server, conversation)
-    expected_prompt, expected_answer = transformers_tokens(engine, conversation)
+    prompt, answer, response = served_tokens(client(server), NAME, conversation, MAX_TOKENS)
+    expected_prompt, expected_answer = transformers_tokens(engine, conversation, MAX_TOKENS)
     assert prompt == expected_prompt, "vLLM's prompt (placeholders, chat template) differs from the processor's"
     assert answer == expected_answer
     return response.choices[0].message.content
@@ -251,7 +225,7 @@ def test_streamed_answer_matches(servers, local):
     chunks = [chunk for chunk in stream if chunk.choices]
     assert len(chunks) > 1
     streamed = [token for chunk in chunks for token in chunk.choices[0].model_extra.get("token_ids") or []]
-    assert streamed == transformers_tokens(local["roi"], conversation)[1]
+    assert streamed == transformers_tokens(local["roi"], conversation, MAX_TOKENS)[1]
 
 
 @pytest.mark.vllm
@@ -412,7 +386,7 @@ def test_an_allow_listed_url_is_fetched_like_a_data_url(servers, local, image_ho
         extra_body={"return_token_ids": True},
     )  # fmt: skip
     conversation = Conversation.start(defect_image(seed=14), QUESTION)
-    assert fetched.choices[0].model_extra["token_ids"] == transformers_tokens(local["roi"], conversation)[1]
+    assert fetched.choices[0].model_extra["token_ids"] == transformers_tokens(local["roi"], conversation, MAX_TOKENS)[1]
     response = inspect_request(server, {"image_url": url, "max_tokens": 0})
     assert response.status_code == 200, response.text
     expected = local["roi"].analyze(defect_image(seed=14))
