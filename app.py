@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"backend: {backend.description}", flush=True)
-    demo = build_demo(backend.engine, backend.notice, backend.description, args.max_new_tokens)
-    launch(demo, args.host, args.port)
+    demo = build_demo(
+        backend.engine, backend.notice, backend.description, args.max_new_tokens, backend.card, backend.examples
+    )
+    launch(demo, args.host, args.port, examples=backend.examples)
     return 0
 
 

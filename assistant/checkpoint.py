@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .card import CARD_FILE, ModelCard, unknown_card
 from .config import AssistantConfig, Settings
+from .domain import DOMAIN_FILE
 from .errors import AssistantError
 from .files import atomic_path
 from .modeling import AssistantForConditionalGeneration
@@ -33,6 +36,7 @@ from .processing import AssistantProcessor
 from .vision import IMAGE_MODULES, ImageEncoder, ImageEncoderMixin
 
 BASE_LLM_FILE = "base_llm.json"
+COMPANION_FILES = (CARD_FILE, DOMAIN_FILE)  # what a checkpoint says about itself, beside its weights
 IMAGE_SIDE_FILE = "image_side.safetensors"
 IMAGE_SIDE_PREFIXES = tuple(f"model.{name}" for name in IMAGE_MODULES)
 LLM_PREFIX = "model.language_model."
@@ -126,7 +130,13 @@ def image_side_tensors(
 
 
 def save_composed(
-    model, processor: AssistantProcessor, base: BaseLLM, folder: str | Path, dtype: torch.dtype = torch.float16
+    model,
+    processor: AssistantProcessor,
+    base: BaseLLM,
+    folder: str | Path,
+    dtype: torch.dtype = torch.float16,
+    source: str | Path | None = None,
+    card: ModelCard | None = None,
 ) -> Path:
     """Write a composed checkpoint from a trained peft-wrapped assistant (its adapter stays separate).
 
@@ -143,7 +153,26 @@ def save_composed(
     for weights in folder.glob("model*.safetensors"):
         weights.unlink()  # a peft save never writes full weights, but an older save in this folder may have
     (folder / BASE_LLM_FILE).write_text(json.dumps(asdict(base), indent=2), encoding="utf-8")
+    write_companions(folder, source, card)
     return folder
+
+
+def write_companions(folder: str | Path, source: str | Path | None = None, card: ModelCard | None = None) -> None:
+    """The model card and domain statistics of a checkpoint written from `source` (export, merge, a training
+    stage): the source's, or none where it has none (a file left in `folder` by an earlier write would describe
+    other weights); `card` replaces the source's. Every checkpoint gets a card: one that says nothing is known if
+    neither is given."""
+    folder = Path(folder)
+    if source is None or Path(source).resolve() != folder.resolve():
+        for name in COMPANION_FILES:
+            target = folder / name
+            target.unlink(missing_ok=True)
+            if source is not None and (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, target)
+    if card is not None:
+        card.save(folder)
+    elif not (folder / CARD_FILE).is_file():
+        unknown_card(folder.name).save(folder)
 
 
 def is_composed(path: str | Path) -> bool:

@@ -104,6 +104,25 @@ def inspection_engine(args: argparse.Namespace):
     return ClipEngine(clip, threshold=args.threshold, text_engine=language)
 
 
+def verdict_lines(verdict) -> list[str]:
+    """The decision and its sources, and a warning line when the image is not like the model's training images."""
+    label = "ANOMALOUS" if verdict.anomalous else "NORMAL"
+    sources = []
+    if verdict.expert_score is not None:
+        sources.append(f"expert {verdict.expert_score:.3f}")
+    if verdict.llm_yes_probability is not None:
+        sources.append(f"LLM P(Yes) {verdict.llm_yes_probability:.3f}")
+    lines = [f"{label}  score {verdict.score:.3f}" + (f"  ({', '.join(sources)})" if sources else "")]
+    if verdict.in_domain is False:
+        lines.append(
+            f"warning: out of domain (domain score {verdict.domain_score:.3f}): this image does not look like the "
+            "images the model was trained on, so the verdict is unreliable (`anomaly-assistant info`: what it knows)"
+        )
+    elif verdict.in_domain is None:
+        lines.append("note: domain unknown: this model carries no statistics of its training images")
+    return lines
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .engine import inspect
     from .image_io import load_image
@@ -120,8 +139,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(verdict.model_dump_json())
         return
-    label = "ANOMALOUS" if verdict.anomalous else "NORMAL"
-    print(f"{label}  score {verdict.score:.3f}")
+    for line in verdict_lines(verdict):
+        print(line)
     for box in verdict.boxes:
         print(f"  region x {box.x0}-{box.x1}, y {box.y0}-{box.y1}  peak {box.score:.2f}")
     if verdict.defect:
@@ -130,12 +149,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .engine import Conversation
+    from .engine import Conversation, agreeing_stream
     from .image_io import load_image
 
     image = load_image(args.image)  # a bad file is reported before the model loads
     references = [load_image(r) for r in args.reference]
     engine = load_engine(args)
+    verdict = engine.analyze(image, references)  # decided once; the answers may discuss it, not flip it
+    for line in verdict_lines(verdict):
+        print(line)
     conversation = None
     print("Ask about the image; an empty line or Ctrl-D ends the chat.")
     while True:
@@ -150,7 +172,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         else:
             conversation.ask(question)
         answer = []
-        for chunk in engine.stream(conversation, args.max_new_tokens):
+        for chunk in agreeing_stream(engine, conversation, verdict.anomalous, args.max_new_tokens):
             print(chunk, end="", flush=True)
             answer.append(chunk)
         print()
@@ -158,26 +180,63 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_init_tiny(args: argparse.Namespace) -> None:
+    from .card import untrained_card
     from .factory import save_assistant, tiny_assistant
 
     model, processor = tiny_assistant(seed=args.seed, roi=not args.no_roi)
-    print(save_assistant(model, processor, args.output))
+    card = untrained_card("tiny random assistant", f"A tiny random model (seed {args.seed}) for smoke tests.")
+    print(save_assistant(model, processor, args.output, card=card))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .factory import save_assistant
 
-    model, processor = load_checkpoint(resolve_model(args.model), settings=run_settings(args))
-    print(save_assistant(model, processor, args.output))
+    source = resolve_model(args.model)
+    model, processor = load_checkpoint(source, settings=run_settings(args))
+    print(save_assistant(model, processor, args.output, source=source))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .convert import from_llava_onevision
+    from .convert import converted_card, from_llava_onevision
     from .factory import save_assistant
 
     model, processor = from_llava_onevision(args.llava, args.expert, roi={"enabled": not args.no_roi})
-    print(save_assistant(model, processor, args.output))
+    print(save_assistant(model, processor, args.output, card=converted_card(args.llava, args.expert)))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .card import ModelCard
+    from .checkpoint import checkpoint_config
+    from .domain import DomainModel
+
+    path = resolve_model(args.model)
+    config = checkpoint_config(path)  # a folder that is no checkpoint is refused here
+    card = ModelCard.load(path)
+    print(card.markdown() if card else f"# {path.name}\n\nno model card: nothing is known about what it was trained on")
+    decision = config.decision
+    print()
+    print(f"- folder: {path}")
+    calibration = f"fitted on {decision.fitted_on}" if decision.calibrated else "not calibrated (raw expert sigmoid)"
+    print(
+        f"- decision: score = sigmoid({decision.expert_weight:.3f} x expert logit + {decision.llm_weight:.3f} x "
+        f"logit P(Yes) + {decision.bias:.3f}), anomalous at >= {decision.threshold:g}; {calibration}"
+    )
+    domain = DomainModel.load(path, config.vision_config.hidden_size)
+    print(f"- domain: {domain.describe() if domain else 'unknown (no domain statistics in this checkpoint)'}")
+
+
+def cmd_fit_domain(args: argparse.Namespace) -> None:
+    from .domain import fit_domain, image_paths
+    from .engine import LocalEngine
+
+    path = resolve_model(args.model)
+    images = image_paths(args.images)
+    validation = image_paths(args.validation) if args.validation else None
+    engine = LocalEngine.from_pretrained(path, device=args.device, domain=False)  # a damaged file is replaced
+    source = args.source or ", ".join(args.images)
+    domain = fit_domain(engine, images, validation, source=source, quantile=args.quantile)
+    print(f"{domain.save(path)}: {domain.describe()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--output", required=True)
     convert_parser.add_argument("--no-roi", action="store_true", help="Anomaly-OV exactly: no Triad ROI tokens")
     convert_parser.set_defaults(handler=cmd_convert)
+
+    info_parser = commands.add_parser("info", help="what a model is: its card, decision calibration and domain")
+    info_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    info_parser.set_defaults(handler=cmd_info)
+
+    domain_parser = commands.add_parser(
+        "fit-domain", help="describe the images a model knows (domain statistics saved in its folder)"
+    )
+    domain_parser.add_argument("images", nargs="+", help="folders (searched recursively), globs or image files")
+    domain_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    domain_parser.add_argument(
+        "--validation", nargs="+", help="other images of the same domain for the threshold (default: 20%% held out)"
+    )
+    domain_parser.add_argument(
+        "--quantile", type=unit_interval, default=0.99, help="share of in-domain images to keep in (default 0.99)"
+    )
+    domain_parser.add_argument("--source", help="how to describe the images (default: the paths given)")
+    domain_parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    domain_parser.set_defaults(handler=cmd_fit_domain)
 
     for module_name in COMMAND_FAMILIES:
         importlib.import_module(module_name).register(commands)

@@ -20,6 +20,7 @@ import openai
 from PIL import Image
 from pydantic import ValidationError
 
+from .card import ModelCard
 from .engine import Conversation
 from .errors import AssistantError
 from .image_io import ImageInput, load_image, load_references
@@ -58,6 +59,28 @@ def to_messages(conversation: Conversation) -> list[dict[str, Any]]:
         text_only = len(parts) == 1 and parts[0]["type"] == "text"
         messages.append({"role": turn["role"], "content": parts[0]["text"] if text_only else parts})
     return messages
+
+
+def choice_distribution(top_logprobs: Sequence[tuple[str, float]], choices: Sequence[str]) -> dict[str, float]:
+    """P(each choice) from a first token's top (token, logprob) pairs, renormalised over the choices.
+
+    A token matches a choice when equal to it up to leading whitespace (" Yes" counts as "Yes"). If no choice is
+    among them the endpoint gives no evidence, and the choices get equal probabilities.
+    """
+    mass = dict.fromkeys(choices, 0.0)
+    for token, logprob in top_logprobs:
+        token = token.lstrip()
+        if token in mass:
+            mass[token] += math.exp(logprob)
+    total = sum(mass.values())
+    return {c: m / total for c, m in mass.items()} if total > 0 else dict.fromkeys(choices, 1 / len(choices))
+
+
+def continuation_options(conversation: Conversation) -> dict[str, Any]:
+    """vLLM's chat options that continue the conversation's unfinished answer (`answer_prefix`), if it has one."""
+    if not conversation.answer_prefix:
+        return {}
+    return {"continue_final_message": True, "add_generation_prompt": False}
 
 
 class EndpointEngine:
@@ -113,7 +136,11 @@ class EndpointEngine:
     def _chat(self, conversation: Conversation, **options: Any):
         with self._errors():
             response = self.client.chat.completions.create(
-                model=self.model, messages=to_messages(conversation), temperature=0, **options
+                model=self.model,
+                messages=to_messages(conversation),
+                temperature=0,
+                extra_body=continuation_options(conversation) or None,
+                **options,
             )
         if not response.choices:
             raise EndpointError(f"{self.base_url} returned no choices for model {self.model!r}")
@@ -121,8 +148,11 @@ class EndpointEngine:
 
     # -- the Engine interface -------------------------------------------------------------------------
     def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
-        """Greedy answers, requested concurrently."""
-        return self._map(lambda c: self._chat(c, max_tokens=max_new_tokens).message.content or "", conversations)
+        """Greedy answers (an `answer_prefix` included), requested concurrently."""
+        return self._map(
+            lambda c: c.answer_prefix + (self._chat(c, max_tokens=max_new_tokens).message.content or ""),
+            conversations,
+        )
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
         """Yield the answer's text as the server sends it (server-sent events); stopping early closes the stream."""
@@ -133,7 +163,10 @@ class EndpointEngine:
                 temperature=0,
                 max_tokens=max_new_tokens,
                 stream=True,
+                extra_body=continuation_options(conversation) or None,
             )
+            if conversation.answer_prefix:
+                yield conversation.answer_prefix
             with chunks:
                 for chunk in chunks:
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -142,11 +175,7 @@ class EndpointEngine:
     def choice_probabilities(
         self, conversations: Sequence[Conversation], choices: Sequence[str]
     ) -> list[dict[str, float]]:
-        """P(first generated token is each choice), renormalised over the choices, from the top-20 logprobs.
-
-        A token matches a choice when equal to it up to leading whitespace (" Yes" counts as "Yes"). If no choice is
-        among the top 20 the endpoint gives no evidence, and the choices get equal probabilities.
-        """
+        """P(first generated token is each choice) from the top-20 logprobs (`choice_distribution`)."""
         if len(set(choices)) != len(choices):
             raise ValueError(f"choices {list(choices)} are not distinct")
 
@@ -157,18 +186,29 @@ class EndpointEngine:
                 raise EndpointError(
                     f"{self.base_url} returned no logprobs for model {self.model!r}: this endpoint cannot score choices"
                 )
-            mass = dict.fromkeys(choices, 0.0)
-            for candidate in content[0].top_logprobs:
-                token = candidate.token.lstrip()
-                if token in mass:
-                    mass[token] += math.exp(candidate.logprob)
-            total = sum(mass.values())
-            return {c: m / total for c, m in mass.items()} if total > 0 else dict.fromkeys(choices, 1 / len(choices))
+            return choice_distribution([(c.token, c.logprob) for c in content[0].top_logprobs], choices)
 
         return self._map(distribution, conversations)
 
+    def model_card(self) -> ModelCard | None:
+        """The served model's card from our server's `GET {base_url}/model-card`; None if it has none, or the
+        endpoint is not our server (a plain chat server lacks the route)."""
+        try:
+            with self._errors():
+                payload = self.client.get("/model-card", cast_to=object)
+        except EndpointError as error:
+            if isinstance(error.__cause__, openai.NotFoundError):
+                return None
+            raise
+        try:
+            return ModelCard.model_validate(payload)
+        except ValidationError as error:
+            raise EndpointError(
+                f"{self.base_url}/model-card returned an invalid card: {error.errors()[0]['msg']}"
+            ) from None
+
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
-        """The expert's verdict from our server's `POST {base_url}/inspect` (no text generated)."""
+        """The decided verdict from our server's `POST {base_url}/inspect` (no reasoning generated)."""
         image = load_image(image, "image")
         references = load_references(references)
         body = {

@@ -1,6 +1,6 @@
 """Configuration of the assistant: LLaVA-OneVision plus the anomaly expert and the ROI tokenizer.
 
-The expert and ROI settings are typed sub-configs (pydantic models, unknown keys rejected) held by
+The expert, ROI and decision settings are typed sub-configs (pydantic models, unknown keys rejected) held by
 `AssistantConfig` as objects and written into the one `config.json` next to the weights. They are frozen:
 a run changes them only through `Settings` (`AssistantConfig.apply_settings`), the one override path that the
 CLI (`--set roi.enabled=false`), the app, the server and the training YAML (`model.settings`) share.
@@ -8,6 +8,7 @@ CLI (`--set roi.enabled=false`), the app, the server and the training YAML (`mod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Optional
 
@@ -21,7 +22,7 @@ SUSPICION_ADVERBS = ("slightly", "moderately", "highly")
 
 
 class SettingsError(AssistantError, ValueError):
-    """An expert/ROI setting that does not exist or has a wrong value, named by its key path."""
+    """An expert/ROI/decision setting that does not exist or has a wrong value, named by its key path."""
 
 
 def validation_message(error: ValidationError, prefix: str = "") -> str:
@@ -51,12 +52,6 @@ class ExpertConfig(_SubConfig):
     # The score picks the adverb of "with {adverb} suspicious features: ": below low -> "slightly",
     # below high -> "moderately", else "highly" (Anomaly-OV's strict comparisons).
     suspicion_thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.7], min_length=2, max_length=2)
-    # Platt scaling of the expert logit for the user-facing score: sigmoid(scale * logit + shift),
-    # fitted on a validation split (`anomaly-assistant eval calibrate`); the identity until then.
-    score_scale: float = 1.0
-    score_shift: float = 0.0
-    # Calibrated score at or above which the verdict says "anomalous".
-    decision_threshold: float = Field(0.5, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _ordered_thresholds(self) -> ExpertConfig:
@@ -66,6 +61,45 @@ class ExpertConfig(_SubConfig):
                 f"suspicion_thresholds must satisfy 0 <= low <= high <= 1, got {self.suspicion_thresholds}"
             )
         return self
+
+
+PROBABILITY_EPS = 1e-6  # P(Yes) is clipped to [eps, 1 - eps] before its logit (fitting and scoring alike)
+
+
+def logit(probability: float) -> float:
+    p = min(max(probability, PROBABILITY_EPS), 1.0 - PROBABILITY_EPS)
+    return math.log(p / (1.0 - p))
+
+
+def sigmoid(x: float) -> float:
+    """Without overflow for any finite x (math.exp(-x) overflows past x = -709)."""
+    return 0.5 * (1.0 + math.tanh(0.5 * x))
+
+
+class DecisionConfig(_SubConfig):
+    """The one decision per image: a calibrated fusion of the expert's logit and the LLM's P(Yes).
+
+    score = sigmoid(expert_weight * expert_logit + llm_weight * logit(P(Yes)) + bias), anomalous = score >=
+    threshold. P(Yes) is the language model's probability of "Yes" (against "No") as the first answer token to
+    the fixed detection question (`prompts.DETECTION_QUESTION`). The weights are a logistic regression fitted on
+    a labelled validation split (`anomaly-assistant eval calibrate --write`); until then the score is the
+    expert's raw sigmoid (weights 1, 0, 0) and `fitted_on` is None, i.e. not calibrated.
+    """
+
+    expert_weight: float = 1.0
+    llm_weight: float = 0.0
+    bias: float = 0.0
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    fitted_on: str | None = None  # what the weights were fitted on (data, split, image count)
+
+    def score(self, expert_logit: float, yes_probability: float | None) -> float:
+        """The fused, calibrated probability that the image is anomalous (no LLM term without P(Yes))."""
+        llm = 0.0 if yes_probability is None else self.llm_weight * logit(yes_probability)
+        return sigmoid(self.expert_weight * expert_logit + llm + self.bias)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.fitted_on is not None
 
 
 class RoiConfig(_SubConfig):
@@ -82,7 +116,9 @@ class RoiConfig(_SubConfig):
     map_source: Literal["expert", "external"] = "expert"  # "external": maps come with the inputs (e.g. CLIP)
 
 
-SUB_CONFIGS: dict[str, type[_SubConfig]] = {"expert": ExpertConfig, "roi": RoiConfig}
+SUB_CONFIGS: dict[str, type[_SubConfig]] = {"expert": ExpertConfig, "roi": RoiConfig, "decision": DecisionConfig}
+# Keys of checkpoints written before the decision had its own section: expert.<old> -> decision.<new>.
+MOVED_TO_DECISION = {"score_scale": "expert_weight", "score_shift": "bias", "decision_threshold": "threshold"}
 
 
 def _changes_model(kind: type[_SubConfig], name: str) -> type[BaseModel]:
@@ -96,10 +132,11 @@ def _changes_model(kind: type[_SubConfig], name: str) -> type[BaseModel]:
 
 ExpertChanges = _changes_model(ExpertConfig, "ExpertChanges")
 RoiChanges = _changes_model(RoiConfig, "RoiChanges")
+DecisionChanges = _changes_model(DecisionConfig, "DecisionChanges")
 
 
 class Settings(BaseModel):
-    """Changes to the expert/ROI sub-configs for one run: `Settings(roi={"enabled": False})`.
+    """Changes to the expert/ROI/decision sub-configs for one run: `Settings(roi={"enabled": False})`.
 
     Keys, types and bounds are checked when the settings are made (errors name the key path, e.g.
     `roi.max_boxs`); rules across fields (ordered thresholds) when they are applied to a checkpoint's config.
@@ -109,12 +146,13 @@ class Settings(BaseModel):
 
     expert: ExpertChanges = Field(default_factory=ExpertChanges)
     roi: RoiChanges = Field(default_factory=RoiChanges)
+    decision: DecisionChanges = Field(default_factory=DecisionChanges)
 
     def changes(self, name: str) -> dict[str, Any]:
         """The fields of sub-config `name` this run sets."""
         return getattr(self, name).model_dump(exclude_none=True)
 
-    @field_serializer("expert", "roi")
+    @field_serializer("expert", "roi", "decision")
     def _only_changes(self, section: BaseModel) -> dict[str, Any]:
         return section.model_dump(exclude_none=True)  # saved with a training config: what was set, nothing else
 
@@ -123,13 +161,15 @@ class Settings(BaseModel):
 
     @classmethod
     def parse(cls, assignments: Iterable[str]) -> Settings:
-        """`["roi.enabled=false", "expert.decision_threshold=0.4"]` (values read as YAML scalars or lists)."""
+        """`["roi.enabled=false", "decision.threshold=0.4"]` (values read as YAML scalars or lists)."""
         changes: dict[str, dict[str, Any]] = {}
         for assignment in assignments:
             key, sep, text = assignment.partition("=")
             section, dot, field = key.strip().partition(".")
             if not sep or not dot or not field or not text.strip():
                 raise SettingsError(f"{assignment!r}: expected SECTION.KEY=VALUE, e.g. roi.enabled=false")
+            if section == "expert" and field in MOVED_TO_DECISION:
+                raise SettingsError(f"{key.strip()}: moved to decision.{MOVED_TO_DECISION[field]}")
             changes.setdefault(section, {})[field] = yaml.safe_load(text)
         return cls.checked(changes)
 
@@ -153,6 +193,7 @@ class AssistantConfig(LlavaOnevisionConfig):
 
     expert: ExpertConfig | dict | None = None
     roi: RoiConfig | dict | None = None
+    decision: DecisionConfig | dict | None = None
     phrase_prefix_ids: list | None = None  # tokens of "with"
     adverb_token_ids: list | None = None  # three equal-length id lists: slightly, moderately, highly
     phrase_suffix_ids: list | None = None  # tokens of " suspicious features:"
@@ -160,6 +201,9 @@ class AssistantConfig(LlavaOnevisionConfig):
     image_std: list | None = None
 
     def __post_init__(self, **kwargs):
+        moved = self.__dict__.pop("_moved_decision", None)  # an older checkpoint's decision keys (`__setattr__`)
+        if self.decision is None and moved:
+            self.decision = moved
         for name, kind in SUB_CONFIGS.items():
             if getattr(self, name) is None:
                 setattr(self, name, kind())
@@ -181,6 +225,15 @@ class AssistantConfig(LlavaOnevisionConfig):
         `--hf-overrides '{"roi": {"enabled": false}}'` (which sets the attribute).
         """
         kind = SUB_CONFIGS.get(key)
+        if key == "expert" and isinstance(value, dict) and MOVED_TO_DECISION.keys() & value.keys():
+            value = dict(value)
+            moved = {new: value.pop(old) for old, new in MOVED_TO_DECISION.items() if old in value}
+            if (moved.get("expert_weight", 1.0), moved.get("bias", 0.0)) != (1.0, 0.0):
+                moved["fitted_on"] = "an older checkpoint's Platt scaling of the expert alone"
+            if isinstance(self.__dict__.get("decision"), DecisionConfig):
+                self.decision = moved  # a change after construction (`config.update`, `--hf-overrides`)
+            else:
+                self.__dict__["_moved_decision"] = moved  # applied in `__post_init__`, once `decision` is set
         if kind is not None and value is not None and not isinstance(value, kind):
             current = self.__dict__.get(key)
             base = current.model_dump() if isinstance(current, kind) else {}
@@ -191,7 +244,7 @@ class AssistantConfig(LlavaOnevisionConfig):
         super().__setattr__(key, value)
 
     def apply_settings(self, settings: Settings) -> None:
-        """Change the expert/ROI sub-configs for this run."""
+        """Change the expert/ROI/decision sub-configs for this run."""
         for name in SUB_CONFIGS:
             if settings.changes(name):
                 setattr(self, name, settings.changes(name))

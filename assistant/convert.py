@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
+from .card import ModelCard, untrained_card
 from .errors import AssistantError
 from .expert import AnomalyExpert
 from .factory import create_assistant
@@ -165,3 +166,25 @@ def from_llava_onevision(
         load_official_expert(model.anomaly_expert, expert_path)
     return model, processor
 
+
+
+def converted_card(llava: str | Path, expert: str | Path | None) -> ModelCard:
+    """The card of a converted official checkpoint: what its parts are; nothing measured on it here yet."""
+    if expert is None:
+        return untrained_card(
+            f"{Path(llava).name} + random expert",
+            "LLaVA-OneVision with an untrained (random) Anomaly-OV expert: its anomaly scores and maps are noise.",
+        )
+    return ModelCard(
+        name=f"{Path(llava).name} + {Path(expert).name}",
+        summary="LLaVA-OneVision (llava-hf) with Anomaly-OV's trained anomaly expert, converted.",
+        trained_on=(
+            "LLaVA-OneVision's own data; the expert: Anomaly-OV's training (Anomaly-Instruct-125k and its visual "
+            "anomaly data, per the Anomaly-OV paper)"
+        ),
+        image_kinds="industrial and general photos (colour)",
+        limits=(
+            "the Anomaly-OV paper reports zero-shot image AUROC 94.0 (MVTec AD) and 91.1 (VisA) for the expert; "
+            "nothing has been measured on this converted checkpoint yet, and its decision is not calibrated"
+        ),
+    )

@@ -3,8 +3,13 @@
 `LocalEngine` runs the model in-process with transformers (the embedded default, CPU or GPU); the
 OpenAI-compatible endpoint backend lives in `assistant/client.py`. A `Conversation` is one image
 (plus optional normal references) and its chat history; the image is encoded once and reused by every
-later turn. Every backend's `analyze` returns the expert's `Verdict` (no reasoning yet); `inspect` adds the
-language model's reasoning and defect name to it.
+later turn.
+
+One decision per image: every backend's `analyze` returns the decided `Verdict` (no text yet): the expert's
+logit and the language model's P(Yes) to the fixed detection question, fused and calibrated by the checkpoint's
+`decision` config (`config.DecisionConfig`), decided once. `inspect` then has the language model write its
+reasoning in agreement with it (`agreeing_answer`, `agreeing_stream`): chat follow-ups may discuss the
+decision, not contradict it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -24,10 +29,23 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from .checkpoint import load_checkpoint
 from .config import Settings
+from .domain import DomainModel
 from .image_io import ImageInput, load_image, load_references
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
-from .prompts import DEFECT_QUESTION, INSPECTION_QUESTION, REFERENCE_INTRO
+from .prompts import (
+    DECISION_QUESTIONS,
+    DEFECT_QUESTION,
+    DETECTION_QUESTION,
+    INSPECTION_QUESTION,
+    NO,
+    REFERENCE_INTRO,
+    YES,
+    decision_opening,
+    first_word_known,
+    stated_decision,
+    yes_means_anomalous,
+)
 from .verdict import Verdict
 from .vision import ImageEncoderMixin, ImageEncoding
 
@@ -39,6 +57,9 @@ class Conversation:
     image: Image.Image | None = None
     references: list[Image.Image] = field(default_factory=list)
     messages: list[dict[str, str]] = field(default_factory=list)  # {"role": "user"|"assistant", "content": str}
+    # The opening words of the next answer, given to the model to continue (e.g. the decided "Yes"); every
+    # backend returns answers with these words included.
+    answer_prefix: str = ""
 
     @classmethod
     def start(
@@ -56,14 +77,20 @@ class Conversation:
 
     def answer(self, text: str) -> Conversation:
         self.messages.append({"role": "assistant", "content": text})
+        self.answer_prefix = ""
         return self
+
+    def opening(self, prefix: str) -> Conversation:
+        """This conversation with the next answer starting with `prefix` (a copy; the history is shared)."""
+        return replace(self, messages=list(self.messages), answer_prefix=prefix)
 
     @property
     def images(self) -> list[Image.Image]:
         return [*self.references, self.image] if self.image is not None else []
 
     def chat(self) -> list[dict]:
-        """Messages in the processor's chat-template format; the images open the first user turn."""
+        """Messages in the processor's chat-template format; the images open the first user turn, and an
+        `answer_prefix` is a last, unfinished assistant message (render it with `continue_final_message`)."""
         if not self.messages or self.messages[-1]["role"] != "user":
             raise ValueError("the conversation must end with a user question")
         chat = []
@@ -77,6 +104,8 @@ class Conversation:
                 )
                 content = intro + [{"type": "image"} for _ in self.images] + content
             chat.append({"role": message["role"], "content": content})
+        if self.answer_prefix:
+            chat.append({"role": "assistant", "content": [{"type": "text", "text": self.answer_prefix}]})
         return chat
 
 
@@ -89,7 +118,7 @@ class Scorer(Protocol):
 
 class Engine(Protocol):
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
-        """The expert's verdict: score, decision, heatmap and boxes at the image's size; no text."""
+        """The decided verdict: fused score, decision, both sources, domain, heatmap and boxes; no text."""
         ...
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]: ...
@@ -101,6 +130,12 @@ class Engine(Protocol):
     ) -> list[dict[str, float]]: ...
 
 
+def yes_probability(engine: Engine, image: Image.Image, references: Sequence[Image.Image] = ()) -> float:
+    """The language model's P(Yes) (against "No") as the first answer token to the fixed detection question."""
+    detection = Conversation(image, list(references), [{"role": "user", "content": DETECTION_QUESTION}])
+    return engine.choice_probabilities([detection], (YES, NO))[0][YES]
+
+
 def inspect(
     engine: Engine,
     image: ImageInput,
@@ -108,15 +143,91 @@ def inspect(
     question: str = INSPECTION_QUESTION,
     max_new_tokens: int = 256,
 ) -> Verdict:
-    """Verdict for one image: expert score/heatmap/boxes, the LLM's reasoning, and the defect type."""
+    """Verdict for one image: the decision, heatmap and boxes, the LLM's reasoning and the defect type.
+
+    The reasoning agrees with the decision (`agreeing_answer`), so the text and the verdict cannot disagree.
+    """
     conversation = Conversation.start(image, question, references)
     verdict = engine.analyze(conversation.image, conversation.references)
-    reasoning = engine.complete([conversation], max_new_tokens)[0].strip()
+    reasoning = agreeing_answer(engine, conversation, verdict.anomalous, max_new_tokens).strip()
     defect = None
     if verdict.anomalous:
         conversation.answer(reasoning).ask(DEFECT_QUESTION)
         defect = engine.complete([conversation], 32)[0].strip() or None
     return verdict.model_copy(update={"reasoning": reasoning, "defect": defect})
+
+
+def _opening(conversation: Conversation, anomalous: bool) -> tuple[Conversation | None, bool | None]:
+    """(the conversation continuing the decided Yes/No, what its last question's "Yes" means), or (None, None)
+    for a question whose answer cannot contradict the decision by its first word."""
+    polarity = yes_means_anomalous(conversation.messages[-1]["content"])
+    if polarity is None:
+        return None, None
+    return conversation.opening(decision_opening(anomalous, polarity)), polarity
+
+
+def _contradicts(answer: str, anomalous: bool, polarity: bool | None) -> bool:
+    stated = stated_decision(answer)
+    return polarity is not None and stated is not None and stated != (anomalous == polarity)
+
+
+def agreeing_answers(
+    engine: Engine, conversations: Sequence[Conversation], decisions: Sequence[bool], max_new_tokens: int = 256
+) -> list[str]:
+    """Answers (one batch) that may discuss each conversation's decision but not flip it.
+
+    A question asking for the decision (`prompts.DECISION_QUESTIONS`) is answered as a continuation of the
+    decided "Yes,"/"No,"; an answer to another yes/no question about defects ("Is it OK?" too: its "Yes" means
+    normal, `prompts.yes_means_anomalous`) that opens with the contradicting word is generated again that way.
+    Any other question is answered freely.
+    """
+    openings = [_opening(c, d) for c, d in zip(conversations, decisions, strict=True)]
+    forced = [c.messages[-1]["content"].strip() in DECISION_QUESTIONS for c in conversations]
+    prompts = [o if f else c for c, (o, _), f in zip(conversations, openings, forced)]
+    answers = engine.complete(prompts, max_new_tokens)
+    flipped = [i for i, a in enumerate(answers) if _contradicts(a, decisions[i], openings[i][1])]
+    if flipped:
+        again = engine.complete([openings[i][0] for i in flipped], max_new_tokens)
+        for i, answer in zip(flipped, again):
+            answers[i] = answer
+    return answers
+
+
+def agreeing_answer(engine: Engine, conversation: Conversation, anomalous: bool, max_new_tokens: int = 256) -> str:
+    return agreeing_answers(engine, [conversation], [anomalous], max_new_tokens)[0]
+
+
+def agreeing_stream(
+    engine: Engine, conversation: Conversation, anomalous: bool, max_new_tokens: int = 256
+) -> Iterator[str]:
+    """`agreeing_answer`, streamed: the text is held back until its first word is known."""
+    opening, polarity = _opening(conversation, anomalous)
+    if conversation.messages[-1]["content"].strip() in DECISION_QUESTIONS:
+        yield from engine.stream(opening, max_new_tokens)
+        return
+    held, chunks = "", engine.stream(conversation, max_new_tokens)
+    try:
+        for chunk in chunks:
+            held += chunk
+            if first_word_known(held):
+                break
+        if _contradicts(held, anomalous, polarity):
+            chunks.close()  # stops that generation and frees the model before the decided one starts
+            yield from engine.stream(opening, max_new_tokens)
+            return
+        if held:
+            yield held
+        yield from chunks
+    finally:
+        chunks.close()  # a reader that went away stops the generation at once
+
+
+def choice_token_ids(tokenizer, choices: Sequence[str]) -> list[int]:
+    """The first token of each choice: what `choice_probabilities` compares (in-process and on our server)."""
+    ids = [tokenizer.encode(choice, add_special_tokens=False)[0] for choice in choices]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"choices {list(choices)} do not start with distinct tokens")
+    return ids
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -150,6 +261,7 @@ class ImageAnalyzer:
         processor: AssistantProcessor,
         cache_size: int = 8,
         roi_expert: Scorer | None = None,
+        domain: DomainModel | None = None,
     ):
         if model.config.roi.map_source == "external" and roi_expert is None:
             raise ValueError(
@@ -159,6 +271,7 @@ class ImageAnalyzer:
         self.model = model.eval()
         self.processor = processor
         self.roi_expert = roi_expert
+        self.domain = domain  # the images the checkpoint knows (None: domain unknown)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
         # One model call at a time; also guards the image cache. A plain Lock, not an RLock: a streaming generator
@@ -194,10 +307,19 @@ class ImageAnalyzer:
             return None
         return [self.roi_expert.score(images[-1], images[:-1])[1]]
 
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
-        image = load_image(image, "image")
-        analysis = self.encode([*load_references(references), image]).analysis
-        return analysis.verdict(0, image.size, self.model.config.expert)
+    def in_domain(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> bool | None:
+        """Whether the query image looks like the checkpoint's training images (None: domain unknown); the encoding
+        is the cached one a question about the image and its references uses anyway."""
+        if self.domain is None:
+            return None
+        return self.domain.check(self.encode([*references, image]).analysis.pooled_features[0].cpu().numpy())[1]
+
+    def decide(
+        self, image: Image.Image, references: Sequence[Image.Image], yes_probability: float | None
+    ) -> Verdict:
+        """The verdict on `image` from its (cached) analysis and the language model's P(Yes)."""
+        analysis = self.encode([*references, image]).analysis
+        return analysis.verdict(0, image.size, self.model.config.decision, yes_probability, self.domain)
 
 
 class LocalEngine(ImageAnalyzer):
@@ -213,19 +335,31 @@ class LocalEngine(ImageAnalyzer):
         dtype: torch.dtype | None = None,
         roi_expert: Scorer | None = None,
         settings: Settings | None = None,
+        domain: bool = True,
     ) -> LocalEngine:
-        """Load any checkpoint folder (`checkpoint.load_checkpoint`); `settings` override the expert/ROI config
-        for this run (`config.AssistantConfig.apply_settings`)."""
+        """Load any checkpoint folder (`checkpoint.load_checkpoint`); `settings` override the expert/ROI/decision
+        config for this run (`config.AssistantConfig.apply_settings`); `domain=False` leaves its domain statistics
+        unread (to fit them anew)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model, processor = load_checkpoint(path, dtype, settings)
-        return cls(model.to(device), processor, roi_expert=roi_expert)
+        statistics = DomainModel.load(path, model.config.vision_config.hidden_size) if domain else None
+        return cls(model.to(device), processor, roi_expert=roi_expert, domain=statistics)
+
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
+        image, references = load_image(image, "image"), load_references(references)
+        return self.decide(image, references, yes_probability(self, image, references))
 
     # -- text -----------------------------------------------------------------------------------------
     def _prompt_embeddings(self, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input embeddings with every conversation's cached image embeddings merged in."""
         texts = [
-            self.processor.apply_chat_template(c.chat(), add_generation_prompt=True, tokenize=False)
+            self.processor.apply_chat_template(
+                c.chat(),
+                add_generation_prompt=not c.answer_prefix,
+                continue_final_message=bool(c.answer_prefix),
+                tokenize=False,
+            )
             for c in conversations
         ]
         sizes = [[(im.height, im.width) for im in c.images] for c in conversations]
@@ -253,7 +387,8 @@ class LocalEngine(ImageAnalyzer):
             tokens = self.model.generate(
                 inputs_embeds=embeds, attention_mask=mask, **self._generation_kwargs(max_new_tokens)
             )
-        return self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        answers = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [c.answer_prefix + answer for c, answer in zip(conversations, answers)]
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
         """Yield the answer's text as it is generated (greedy).
@@ -285,6 +420,8 @@ class LocalEngine(ImageAnalyzer):
             worker = threading.Thread(target=generate, daemon=True)
             worker.start()
             try:
+                if conversation.answer_prefix:
+                    yield conversation.answer_prefix
                 yield from (chunk for chunk in streamer if chunk)
             finally:
                 stop.set()
@@ -299,10 +436,7 @@ class LocalEngine(ImageAnalyzer):
 
         This is how a chat answer gets a ranking score (e.g. P(Yes) for image AUROC).
         """
-        tokenizer = self.processor.tokenizer
-        choice_ids = [tokenizer.encode(choice, add_special_tokens=False)[0] for choice in choices]
-        if len(set(choice_ids)) != len(choice_ids):
-            raise ValueError(f"choices {list(choices)} do not start with distinct tokens")
+        choice_ids = choice_token_ids(self.processor.tokenizer, choices)
         with self._lock, torch.inference_mode():
             embeds, mask = self._prompt_embeddings(conversations)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -18,6 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, SiglipVisionConfig
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
+from .card import ModelCard
+from .checkpoint import write_companions
 from .config import AssistantConfig
 from .modeling import AssistantForConditionalGeneration
 from .processing import DEFAULT_CHAT_TEMPLATE, AssistantProcessor, suspicion_phrase_ids
@@ -204,9 +206,17 @@ def tiny_assistant(
     )
 
 
-def save_assistant(model: AssistantForConditionalGeneration, processor: AssistantProcessor, path: str | Path) -> Path:
-    """Model (safetensors), config, tokenizer and image processor in one folder."""
+def save_assistant(
+    model: AssistantForConditionalGeneration,
+    processor: AssistantProcessor,
+    path: str | Path,
+    source: str | Path | None = None,
+    card: ModelCard | None = None,
+) -> Path:
+    """Model (safetensors), config, tokenizer, image processor and the companions (`checkpoint.write_companions`:
+    model card and domain statistics, from `source` unless `card` is given) in one folder."""
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
+    write_companions(path, source, card)
     return path

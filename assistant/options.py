@@ -18,7 +18,7 @@ def add_settings_argument(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="change an expert/ROI setting of the model for this run, e.g. roi.enabled=false (repeatable)",
+        help="change an expert/ROI/decision setting of the model for this run, e.g. roi.enabled=false (repeatable)",
     )
 
 

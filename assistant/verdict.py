@@ -76,12 +76,29 @@ class Verdict(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    anomalous: bool
-    score: float = Field(ge=0.0, le=1.0, description="calibrated probability that the image is anomalous")
+    anomalous: bool = Field(description="the one decision: score >= the checkpoint's decision threshold")
+    score: float = Field(ge=0.0, le=1.0, description="probability that the image is anomalous (see `decision`)")
     heatmap: np.ndarray = Field(description="HxW anomaly map in [0, 1] at the image's resolution")
     boxes: list[Box] = Field(default_factory=list)
     defect: str | None = None
-    reasoning: str = ""
+    reasoning: str = Field("", description="the language model's answer, opening with the decided Yes/No")
+    expert_score: float | None = Field(None, ge=0.0, le=1.0, description="the anomaly expert's own (raw) score")
+    llm_yes_probability: float | None = Field(
+        None, ge=0.0, le=1.0, description="the language model's P(Yes) to the detection question"
+    )
+    in_domain: bool | None = Field(
+        None, description="whether the image looks like the checkpoint's training images; None = domain unknown"
+    )
+    domain_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="share of the checkpoint's reference images at least as far from its domain"
+    )
+
+    @property
+    def domain_status(self) -> str:
+        """'in domain', 'OUT OF DOMAIN' or 'domain unknown' (a checkpoint without domain statistics)."""
+        if self.in_domain is None:
+            return "domain unknown"
+        return "in domain" if self.in_domain else "OUT OF DOMAIN"
 
     @field_validator("heatmap", mode="before")
     @classmethod
@@ -108,19 +125,22 @@ class Verdict(BaseModel):
         return self
 
     @classmethod
-    def of_expert(
+    def decided(
         cls,
         score: float,
         threshold: float,
         heatmap: np.ndarray | torch.Tensor,
         boxes: Sequence[Box],
         size: tuple[int, int],
+        **sources: float | bool | None,
     ) -> Verdict:
-        """The expert's verdict on an image of (width, height): the one place every backend builds one.
+        """The verdict on an image of (width, height): the one place every backend builds one.
 
-        `score` is calibrated; `heatmap` and `boxes` are in the pixels the expert worked in (e.g. the ROI source
-        image) and are brought to the image's own. Boxes are shown only when the verdict is anomalous; the
-        language model's reasoning and defect name are added later (`engine.inspect`).
+        `score` is the calibrated decision score, decided once against `threshold`; `heatmap` and `boxes` are in
+        the pixels the expert worked in (e.g. the ROI source image) and are brought to the image's own. Boxes are
+        shown only when the verdict is anomalous; `sources` are the raw signals and the domain check
+        (`expert_score`, `llm_yes_probability`, `in_domain`, `domain_score`). The language model's reasoning and
+        defect name are added later (`engine.inspect`).
         """
         width, height = size
         anomaly_map = torch.as_tensor(heatmap).detach().float().cpu()
@@ -132,4 +152,5 @@ class Verdict(BaseModel):
             score=score,
             heatmap=resize_map(anomaly_map, (height, width)).clamp(0, 1).numpy(),
             boxes=shown if anomalous else [],
+            **sources,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,15 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionMultiModalProjector,
 )
 
-from .config import AssistantConfig, ExpertConfig
+from .config import AssistantConfig, DecisionConfig
 from .expert import AnomalyExpert, ExpertOutput
 from .heatmap import assemble_heatmap
 from .layout import ImageLayout, image_layout
 from .roi import roi_boxes
 from .verdict import Box, Verdict
+
+if TYPE_CHECKING:
+    from .domain import DomainModel
 
 # The image side's checkpoint names, below the transformers model's `model.` prefix.
 IMAGE_MODULES = ("vision_tower", "multi_modal_projector", "image_newline", "anomaly_expert")
@@ -44,6 +48,7 @@ class ImageAnalysis:
     layouts: list[ImageLayout]  # of the query images
     expert: ExpertOutput  # over the query images' crops
     heatmaps: list[torch.Tensor]  # [h, w] per query, on the ROI source image (see `RoiConfig.source_max_side`)
+    pooled_features: torch.Tensor  # [Q, D]: mean final-layer feature of each query's whole-image crop (domain check)
     boxes: list[list[Box]] = field(default_factory=list)  # detected regions per query, source pixels
     roi_boxes: list[list[Box]] = field(default_factory=list)  # the crops encoded as ROI tokens, source pixels
 
@@ -56,18 +61,29 @@ class ImageAnalysis:
         """The expert's raw sigmoid scores (they choose the suspicion adverb)."""
         return self.expert.scores
 
-    def calibrated_scores(self, config: ExpertConfig) -> torch.Tensor:
-        """Platt-scaled scores shown to the user."""
-        return torch.sigmoid(config.score_scale * self.logits.float() + config.score_shift)
-
-    def verdict(self, index: int, size: tuple[int, int], config: ExpertConfig) -> Verdict:
-        """Query `index`'s verdict on its image of (width, height): calibrated score, threshold, map, boxes."""
-        return Verdict.of_expert(
-            float(self.calibrated_scores(config)[index]),
-            config.decision_threshold,
+    def verdict(
+        self,
+        index: int,
+        size: tuple[int, int],
+        decision: DecisionConfig,
+        yes_probability: float | None = None,
+        domain: DomainModel | None = None,
+    ) -> Verdict:
+        """Query `index`'s verdict on its image of (width, height): the decision fused from the expert's logit
+        and the language model's P(Yes), both sources, the domain check, the map and the boxes."""
+        in_domain = domain_score = None
+        if domain is not None:
+            domain_score, in_domain = domain.check(self.pooled_features[index].cpu().numpy())
+        return Verdict.decided(
+            decision.score(float(self.logits[index]), yes_probability),
+            decision.threshold,
             self.heatmaps[index],
             self.boxes[index],
             size,
+            expert_score=float(self.scores[index]),
+            llm_yes_probability=yes_probability,
+            in_domain=in_domain,
+            domain_score=domain_score,
         )
 
 
@@ -174,7 +190,9 @@ class ImageEncoderMixin:
                 source_sizes.tolist(),
             )
         ]
-        return final, ImageAnalysis(query_layouts, expert, heatmaps)
+        first_crops = torch.tensor([0, *query_crops[:-1]], device=final.device).cumsum(0)
+        pooled = query_final[first_crops].float().mean(1)
+        return final, ImageAnalysis(query_layouts, expert, heatmaps, pooled)
 
     def _expert_tokens(self, expert: ExpertOutput, layouts: list[ImageLayout]) -> list[torch.Tensor]:
         """Projected [global, crop-0 tokens, tile grid with row newlines] for each query image."""

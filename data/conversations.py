@@ -3,7 +3,8 @@
 Each record opens with Anomaly-OV's Yes/No detection question, then a description of the defect (type,
 location words from the mask's bounding box, size words from its area) or of the normal part, then a few
 follow-up turns. Anomaly-OV balances Yes and No answers so the model does not learn a prior; we do the same
-by subsampling the larger class.
+by subsampling the larger class. On request each image also gets MMAD-format multiple-choice records
+(`data.mmad_format`), so the model answers those with a letter.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from assistant.prompts import DEFECT_QUESTION, DETECTION_QUESTION, IMAGE_TOKEN
 
 from .errors import DataError
 from .folder import LabelledImage
+from .mmad_format import multiple_choice_records, rotated_types
 
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
@@ -153,9 +155,36 @@ def conversation_record(image: LabelledImage, root: Path, rng: random.Random, fo
 
 
 def conversation_records(
-    images: Sequence[LabelledImage], root: str | Path, seed: int = 0, balanced: bool = True, follow_ups: int = 2
+    images: Sequence[LabelledImage],
+    root: str | Path,
+    seed: int = 0,
+    balanced: bool = True,
+    follow_ups: int = 2,
+    multiple_choice: int = 0,
+    shots: int | Sequence[int] = 0,
 ) -> list[dict]:
-    """Records for a labelled folder (image paths relative to root), Yes/No balanced unless told not to."""
+    """Records for a labelled folder (image paths relative to root), Yes/No balanced unless told not to.
+
+    `multiple_choice` N > 0 follows each image's record with N MMAD-format multiple-choice records about it
+    (distinct question types, at most all three, taking turns within the normal and the anomalous images so
+    that each type, and Yes and No, come equally often), asked exactly as `eval mmad` asks and answered with
+    the bare letter; `shots` is their number of normal templates (taken from the normal images
+    among `images`), or several numbers to choose from per record. Their randomness is drawn apart from the
+    other records', so those stay the same with and without them.
+    """
     rng = random.Random(seed)
     chosen = balance(images, rng) if balanced else list(images)
-    return [conversation_record(image, Path(root), rng, follow_ups) for image in chosen]
+    records = []
+    choice_rng = random.Random(f"{seed}|multiple-choice")
+    defect_types = sorted({image.defect for image in images if image.anomalous and image.defect})
+    start = choice_rng.randrange(3)  # where the turns start, the same for both classes: equal classes, equal types
+    seen = {False: start, True: start}
+    for image in chosen:
+        records.append(conversation_record(image, Path(root), rng, follow_ups))
+        if multiple_choice > 0:
+            types = rotated_types(seen[image.anomalous], multiple_choice)
+            seen[image.anomalous] += 1
+            records += multiple_choice_records(
+                image, root, choice_rng, multiple_choice, defect_types, images, shots, types
+            )
+    return records

@@ -17,7 +17,7 @@ from typing import Literal
 from .errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-Split = Literal["train", "test", "all"]
+Split = Literal["train", "val", "test", "all"]  # "val": a validation split carved out of train
 Layout = Literal["mvtec", "visa"]
 
 
@@ -34,7 +34,7 @@ class LabelledImage:
 
 
 def _splits(split: Split) -> tuple[str, ...]:
-    return ("train", "test") if split == "all" else (split,)
+    return ("train", "val", "test") if split == "all" else (split,)
 
 
 def _defect_words(name: str) -> str:
@@ -43,7 +43,7 @@ def _defect_words(name: str) -> str:
 
 def mvtec_images(root: Path, split: Split = "all", categories: Sequence[str] = ()) -> list[LabelledImage]:
     found = []
-    category_dirs = sorted(d for d in root.iterdir() if (d / "train").is_dir() or (d / "test").is_dir())
+    category_dirs = sorted(d for d in root.iterdir() if any((d / s).is_dir() for s in ("train", "val", "test")))
     for category_dir in category_dirs:
         if categories and category_dir.name not in categories:
             continue

@@ -1,10 +1,14 @@
 """The simulated textile images of the `conformal-clip-data` package as an MVTec-layout dataset.
 
 2,000 grayscale 250x250 fabric images: 1,000 nominal, 500 with a small local defect, 500 with a global one
-(image labels, no masks). They are split once, per class and seeded, into train and a held-out test split
-that no training step reads, and linked (or copied) into
+(image labels, no masks). They are split once, per class and seeded, into train, a validation split carved out
+of train (calibration and the domain threshold are fitted there; no training step reads it) and a held-out test
+split that nothing but evaluation reads, and linked (or copied) into
 
-    <root>/textile/{train,test}/{good,local_defect,global_defect}/<name>.jpg
+    <root>/textile/{train,val,test}/{good,local_defect,global_defect}/<name>.jpg
+
+The test split is the first share of each class's shuffle, the validation split the next one, so the test split
+does not depend on `validation_fraction` (numbers stay comparable with the earlier 80/20 train/test recipe).
 
 `split.json` records the exact file lists, so every later step and every evaluation uses the same split.
 `write_speck_masks` adds pseudo masks for one split's local defects under `<root>/textile/ground_truth/`.
@@ -43,16 +47,26 @@ def source_folder() -> Path:
     return folder
 
 
-def split_files(source: Path, test_fraction: float, seed: int) -> dict[str, dict[str, list[str]]]:
-    """{split: {class folder: [file names]}}: a seeded per-class shuffle, the first share held out."""
+def split_files(
+    source: Path, test_fraction: float, seed: int, validation_fraction: float = 0.0
+) -> dict[str, dict[str, list[str]]]:
+    """{split: {class folder: [file names]}}: a seeded per-class shuffle; the first share is the test split, the
+    next the validation split (only when `validation_fraction` > 0), the rest train. Fractions are of each class."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0.0 <= validation_fraction < 1.0 - test_fraction:
+        raise DataError(f"validation_fraction must be in [0, {1.0 - test_fraction:g}), got {validation_fraction}")
     splits: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    if validation_fraction:
+        splits["val"] = {}
     for name, folder in CLASSES.items():
         files = sorted(p.name for p in (source / name).glob("*.jpg"))
         random.Random(f"{seed}:{name}").shuffle(files)
         held_out = round(len(files) * test_fraction)
-        splits["test"][folder], splits["train"][folder] = sorted(files[:held_out]), sorted(files[held_out:])
+        validation = held_out + round(len(files) * validation_fraction)
+        splits["test"][folder], splits["train"][folder] = sorted(files[:held_out]), sorted(files[validation:])
+        if validation_fraction:
+            splits["val"][folder] = sorted(files[held_out:validation])
     return splits
 
 
@@ -62,10 +76,18 @@ def _in_package(source: Path, classes: dict[str, list[str]]) -> dict[str, list[P
     return {folder: [source / package_folder[folder] / name for name in names] for folder, names in classes.items()}
 
 
-def split_paths(split: str, test_fraction: float = 0.2, seed: int = 0) -> dict[str, list[Path]]:
-    """{class folder: image paths inside the package} of one split, as `anomaly-assistant train demo` draws it."""
+DEMO_SPLIT = {"test_fraction": 0.2, "validation_fraction": 0.1, "seed": 0}  # `anomaly-assistant train demo`
+
+
+def split_paths(split: str, **fractions_and_seed) -> dict[str, list[Path]]:
+    """{class folder: image paths inside the package} of one split, drawn as `anomaly-assistant train demo` does
+    unless `test_fraction`, `validation_fraction` or `seed` say otherwise."""
     source = source_folder()
-    return _in_package(source, split_files(source, test_fraction, seed)[split])
+    options = {**DEMO_SPLIT, **fractions_and_seed}
+    splits = split_files(source, options["test_fraction"], options["seed"], options["validation_fraction"])
+    if split not in splits:
+        raise DataError(f"no {split!r} split; the splits are {sorted(splits)}")
+    return _in_package(source, splits[split])
 
 
 def _link(source: Path, target: Path) -> None:
@@ -78,16 +100,27 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def write_textile_dataset(root: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
+def write_textile_dataset(
+    root: str | Path, test_fraction: float = 0.2, seed: int = 0, validation_fraction: float = 0.0
+) -> Path:
     """Lay the split out under root (idempotent; a different split of an existing root is refused)."""
     root = Path(root)
     source = source_folder()
-    splits = split_files(source, test_fraction, seed)
-    record = {"source": PACKAGE, "test_fraction": test_fraction, "seed": seed, "splits": splits}
+    splits = split_files(source, test_fraction, seed, validation_fraction)
+    record = {
+        "source": PACKAGE,
+        "test_fraction": test_fraction,
+        "validation_fraction": validation_fraction,
+        "seed": seed,
+        "splits": splits,
+    }
     split_file = root / SPLIT_FILE
     if split_file.is_file():
-        if json.loads(split_file.read_text(encoding="utf-8")) != record:
-            raise DataError(f"{root} already holds a different textile split; use another folder")
+        existing = {"validation_fraction": 0.0, **json.loads(split_file.read_text(encoding="utf-8"))}  # older roots
+        if existing != record:
+            raise DataError(
+                f"{root} already holds a different textile split; use another folder (or delete this one to rebuild)"
+            )
         return root
     for split, classes in splits.items():
         for folder, paths in _in_package(source, classes).items():

@@ -1,22 +1,28 @@
-"""`anomaly-assistant eval calibrate`: fit the Platt scaling that turns the expert's logit into the verdict's score.
+"""`anomaly-assistant eval calibrate`: fit the decision that turns the expert's logit and the LLM's P(Yes) into
+the verdict's calibrated score (`config.DecisionConfig`).
 
-The expert is trained with class-balanced BCE, so its sigmoid is not a probability under the class mix a user
-meets. Logistic regression of the labels on the raw logits of a labelled folder (ideally a validation split the
-expert did not train on) gives `score = sigmoid(scale * logit + shift)`; the fit, the expected calibration
-error (ECE, 10 bins) and the Brier score before and after are reported, and `--write` stores scale and shift
-in the model's `config.json` (`expert.score_scale`, `expert.score_shift`).
+The expert is trained with class-balanced BCE and the LLM to answer Yes/No, so neither raw signal is a
+probability under the class mix a user meets, and they can disagree. A logistic regression of the labels on
+[expert logit, logit P(Yes)] over a labelled validation split (one no training step read; the demo recipe
+carves it out of train, never the held-out test split) gives
+`score = sigmoid(expert_weight * expert_logit + llm_weight * logit(P(Yes)) + bias)`; `--expert-only` fits the
+expert's logit alone (Platt scaling). The expected calibration error (ECE, 10 equal-width bins) and the Brier
+score of the raw expert sigmoid, the checkpoint's current score and the fit are printed; `--write` stores the fit
+in the model's `config.json` (`decision`). Run it on the test split without `--write` to measure held-out ECE.
 
-    anomaly-assistant eval calibrate --data runs/demo/data --split train --model assistant/weights/demo --write
+    anomaly-assistant eval calibrate --data runs/demo/data --split val --model assistant/weights/demo --write
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from assistant.config import MOVED_TO_DECISION, PROBABILITY_EPS, DecisionConfig
 from assistant.errors import UsageError
 
 BINS = 10
@@ -34,57 +40,107 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float(error)
 
 
-def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(scale, shift) of the logistic regression of labels on logits (practically unregularised)."""
+def fit_logistic(features: np.ndarray, labels: np.ndarray) -> tuple[list[float], float]:
+    """(weights, bias) of the logistic regression of labels on the feature columns.
+
+    Mildly L2-regularised (scikit-learn's C=1): on a validation split the two signals separate cleanly, the
+    unregularised fit's weights would grow without bound, and the score would jump from 0 to 1.
+    """
     from sklearn.linear_model import LogisticRegression
 
     if len(set(labels.tolist())) < 2:
         raise UsageError("calibration needs both normal and anomalous images")
-    regression = LogisticRegression(C=1e6).fit(logits[:, None], labels)
-    return float(regression.coef_[0, 0]), float(regression.intercept_[0])
+    regression = LogisticRegression(C=1.0, max_iter=1000).fit(features, labels)
+    return [float(w) for w in regression.coef_[0]], float(regression.intercept_[0])
 
 
-def expert_logits(model: Path, device: str | None, images: list, settings=None) -> np.ndarray:
-    """Raw expert logits of labelled images, in order, with a progress bar."""
+@dataclass
+class Signals:
+    """The two raw signals of each labelled image, and the score the checkpoint gives it now."""
+
+    expert_logits: np.ndarray
+    yes_probabilities: np.ndarray
+    current_scores: np.ndarray
+
+    @property
+    def llm_logits(self) -> np.ndarray:
+        p = np.clip(self.yes_probabilities, PROBABILITY_EPS, 1 - PROBABILITY_EPS)  # as `DecisionConfig.score` clips
+        return np.log(p / (1 - p))
+
+
+def collect_signals(engine, images: list) -> Signals:
+    """Expert logit, P(Yes) and current score of each labelled image, in order, with a progress bar."""
     from tqdm.auto import tqdm
 
-    from assistant.engine import LocalEngine
+    from assistant.engine import yes_probability
     from assistant.image_io import load_image
 
-    engine = LocalEngine.from_pretrained(model, device=device, settings=settings)
-    logits = []
-    for item in tqdm(images, desc="expert logits"):
-        analysis = engine.encode([load_image(item.image)]).analysis
-        logits.append(float(analysis.logits[0]))
-    return np.array(logits)
+    decision = engine.model.config.decision
+    logits, yes, current = [], [], []
+    for item in tqdm(images, desc="expert + P(Yes)"):
+        image = load_image(item.image)
+        logit = float(engine.encode([image]).analysis.logits[0])
+        p_yes = yes_probability(engine, image)
+        logits.append(logit)
+        yes.append(p_yes)
+        current.append(decision.score(logit, p_yes))
+    return Signals(np.array(logits), np.array(yes), np.array(current))
 
 
 def _summary(labels: np.ndarray, probabilities: np.ndarray) -> str:
     brier = float(np.mean((probabilities - labels) ** 2))
-    return f"ECE {expected_calibration_error(labels, probabilities):.4f}  Brier {brier:.4f}"
+    accuracy = float(np.mean((probabilities >= 0.5) == labels))
+    return f"ECE {expected_calibration_error(labels, probabilities):.4f}  Brier {brier:.4f}  accuracy {accuracy:.3f}"
+
+
+def fit_decision(engine, images: list, fitted_on: str, expert_only: bool = False) -> DecisionConfig:
+    """The engine's decision refitted on labelled images (a report of before and after is printed)."""
+    from scipy.special import expit
+
+    labels = np.array([int(item.anomalous) for item in images])
+    signals = collect_signals(engine, images)
+    columns = [signals.expert_logits] if expert_only else [signals.expert_logits, signals.llm_logits]
+    weights, bias = fit_logistic(np.stack(columns, axis=1), labels)
+    expert_weight, llm_weight = weights[0], (0.0 if expert_only else weights[1])
+    fitted = expit(expert_weight * signals.expert_logits + llm_weight * signals.llm_logits + bias)
+    print(f"{len(images)} images ({labels.sum()} anomalous): {fitted_on}")
+    print(f"raw expert sigmoid:  {_summary(labels, expit(signals.expert_logits))}")
+    print(f"current score:       {_summary(labels, signals.current_scores)}")
+    print(
+        f"fitted:              {_summary(labels, fitted)}   "
+        f"(expert_weight {expert_weight:.4f}, llm_weight {llm_weight:.4f}, bias {bias:.4f})"
+    )
+    return engine.model.config.decision.model_copy(
+        update={"expert_weight": expert_weight, "llm_weight": llm_weight, "bias": bias, "fitted_on": fitted_on}
+    )
+
+
+def write_decision(model: Path, decision: DecisionConfig) -> Path:
+    """Store the decision in the checkpoint's `config.json` (atomically)."""
+    from assistant.files import write_text_atomic
+
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for old in MOVED_TO_DECISION:  # an older checkpoint's keys
+        config.get("expert", {}).pop(old, None)
+    config["decision"] = decision.model_dump()
+    write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
+    return config_path
 
 
 def run(args: argparse.Namespace) -> Path:
-    from scipy.special import expit
-
     from assistant.defaults import resolve_model
-    from assistant.files import write_text_atomic
+    from assistant.engine import LocalEngine
     from assistant.options import run_settings
     from data.folder import load_folder
 
     model = resolve_model(args.model)
-    images = load_folder(args.data, args.layout, args.split, args.categories.split(",") if args.categories else ())
-    labels = np.array([int(item.anomalous) for item in images])
-    logits = expert_logits(model, args.device, images, run_settings(args))
-    scale, shift = fit_platt(logits, labels)
-    raw, calibrated = expit(logits), expit(scale * logits + shift)
-    print(f"{len(images)} images ({labels.sum()} anomalous) from {args.data} [{args.split}]")
-    print(f"raw sigmoid:  {_summary(labels, raw)}")
-    print(f"calibrated:   {_summary(labels, calibrated)}   (scale {scale:.4f}, shift {shift:.4f})")
-    config_path = model / "config.json"
+    categories = args.categories.split(",") if args.categories else ()
+    images = load_folder(args.data, args.layout, args.split, categories)
+    engine = LocalEngine.from_pretrained(model, device=args.device, settings=run_settings(args))
+    anomalous = sum(item.anomalous for item in images)
+    fitted_on = f"{Path(args.data).name} [{args.split}], {len(images)} images ({anomalous} anomalous)"
+    decision = fit_decision(engine, images, fitted_on, args.expert_only)
     if args.write:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["expert"].update(score_scale=scale, score_shift=shift)
-        write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
-        print(f"wrote expert.score_scale/score_shift to {config_path}")
-    return config_path
+        print(f"wrote the decision (expert_weight, llm_weight, bias) to {write_decision(model, decision)}")
+    return model / "config.json"

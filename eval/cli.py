@@ -60,6 +60,14 @@ def add_visa_dr_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--yes-probability", action="store_true", help="also log P(Yes) for image AUROC (needs logits or logprobs)"
     )
+    parser.add_argument(
+        "--answer",
+        choices=("chat", "verdict"),
+        default=None,
+        help="verdict: our model's one decision (answers open with the Verdict's Yes/No; AUROC from its score; "
+        "needs the in-process model or our server); chat: plain chat answers, as any endpoint gives "
+        "(default: verdict in-process, chat with --endpoint)"
+    )
     parser.add_argument("--limit", type=POSITIVE, help="only the first N items of each file")
     judge = parser.add_argument_group("LLM judge for the reasoning answers (any OpenAI-compatible endpoint)")
     judge.add_argument("--judge-endpoint", metavar="URL")
@@ -73,7 +81,10 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="MVTec AD layout root, or a VisA root with split_csv/1cls.csv")
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument(
-        "--scorers", default="expert", help="comma-separated: expert (our model), clip (assistant.clip.expert)"
+        "--scorers",
+        default="expert",
+        help="comma-separated: expert (our expert's score), decision (the Verdict's fused score), "
+        "clip (assistant.clip.expert)",
     )
     parser.add_argument("--clip-model", help="ClipAnomalyExpert.from_spec spec, required with the clip scorer")
     parser.add_argument(
@@ -126,10 +137,19 @@ def _calibrate(args: argparse.Namespace) -> None:
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a labelled MVTec/VisA-layout folder (a validation split)")
     parser.add_argument("--layout", choices=("mvtec", "visa"), default="mvtec")
-    parser.add_argument("--split", choices=("train", "test", "all"), default="train")
+    parser.add_argument(
+        "--split",
+        choices=("train", "val", "test", "all"),
+        default="val",
+        help="which split to fit on (default val: a validation split no training step read; never the test split "
+        "you report on)",
+    )
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument(
-        "--write", action="store_true", help="store the fitted scale and shift in the model's config.json"
+        "--expert-only", action="store_true", help="fit the expert's logit alone (llm_weight 0): Platt scaling"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="store the fitted decision in the model's config.json (`decision`)"
     )
     add_model_arguments(parser)
 
@@ -141,7 +161,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         sub = benchmarks.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
         sub.set_defaults(handler=_handler(module_name))
-    text = "fit the Platt scaling of the expert score on labelled images (and store it with --write)"
+    text = "fit the decision (expert logit + LLM P(Yes) -> calibrated score) on labelled images; --write stores it"
     calibrate = benchmarks.add_parser("calibrate", help=text, description=text)
     add_calibrate_arguments(calibrate)
     calibrate.set_defaults(handler=_calibrate)

@@ -32,7 +32,7 @@ from .mmad_scoring import (
 )
 from .published import MMAD_1SHOT, MMAD_COLUMNS
 from .records import AnswerLog, Record, check_settings
-from .report import CHART_FILE, bar_chart, fmt, markdown_table, write_report
+from .report import CHART_FILE, bar_chart, domain_line, fmt, markdown_table, write_report
 from .runner import run_pending
 
 ANSWERS_FILE = "answers.jsonl"
@@ -51,6 +51,7 @@ class MMADAnswer(Record):
     templates: list[str]
     response: str
     letter_probs: dict[str, float] | None = None
+    in_domain: bool | None = None  # the query image against the model's domain (in-process model only)
 
 
 def _answer_batch(
@@ -72,6 +73,8 @@ def _answer_batch(
             for item in batch
         ]
         responses = engine().complete(conversations, args.max_new_tokens)
+        check = getattr(engine(), "in_domain", None)  # an endpoint cannot check the domain
+        domains = [check(c.image, c.references) if check else None for c in conversations]
         probabilities: list[dict[str, float] | None] = [None] * len(batch)
         if args.letter_probs:
             for letters in {tuple(item.options) for item in batch}:  # one call per option count
@@ -92,8 +95,9 @@ def _answer_batch(
                 templates=list(item.templates),
                 response=response,
                 letter_probs=row,
+                in_domain=domain,
             )
-            for item, response, row in zip(batch, responses, probabilities, strict=True)
+            for item, response, row, domain in zip(batch, responses, probabilities, domains, strict=True)
         ]
 
     return process
@@ -177,6 +181,7 @@ def write_mmad_report(output: Path, label: str, records: list[MMADAnswer], setti
         f"answer counts, {unparseable} unparseable answers scored wrong."
         + ("" if comparable else " Published numbers are 1-shot and are shown only for --shots 1.")
         + (" Published: " + "; ".join(sorted({p.source for p in MMAD_1SHOT})) + "." if comparable else ""),
+        domain_line(list({r.image: r.in_domain for r in records}.values())),
     ]
     for name, summary in tables.items():
         short = dict(SUBTASKS)

@@ -48,3 +48,12 @@ def bar_chart(
 
 def write_report(directory: Path, sections: Sequence[str]) -> Path:
     return write_text_atomic(directory / REPORT_FILE, "\n\n".join(sections) + "\n")
+
+
+def domain_line(in_domain: Sequence[bool | None]) -> str:
+    """The share of evaluated images outside the model's domain (`Verdict.in_domain`; None = not checked)."""
+    checked = [flag for flag in in_domain if flag is not None]
+    if not checked:
+        return "Domain: unknown (the model carries no domain statistics, or the backend cannot check them)."
+    outside = sum(not flag for flag in checked)
+    return f"Out of the model's domain: {outside} of {len(checked)} images ({outside / len(checked):.1%})."

@@ -1,8 +1,9 @@
 """Anything that scores an image for the zero-shot harness: `score(image, references) -> (score, HxW map)`.
 
 Every row of the zero-shot report comes from one scorer measured by the same code. `expert` is our model's
-expert through any engine (in-process, or our server's /inspect); `clip` is `assistant.clip.expert`, imported
-only when asked for.
+expert through any engine (in-process, or our server's /inspect), `decision` the Verdict's score (the expert
+fused with the language model's P(Yes), `config.DecisionConfig`) with the same heatmap; `clip` is
+`assistant.clip.expert`, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ from assistant.errors import UsageError
 
 from .backends import model_label, open_engine
 
-SCORERS = ("expert", "clip")
+SCORERS = ("expert", "decision", "clip")
 
 
-class ExpertScorer:
-    """The expert's calibrated image score and its heatmap at the image's resolution."""
+class VerdictScorer:
+    """One score of the engine's Verdict (`expert_score` or the decision's `score`) and its heatmap."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, field: str):
         self.engine = engine
+        self.field = field
 
     def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]:
-        analysis = self.engine.analyze(image, references)
-        return analysis.score, analysis.heatmap
+        verdict = self.engine.analyze(image, references)
+        return getattr(verdict, self.field), verdict.heatmap
 
 
 def scorer_names(text: str) -> list[str]:
@@ -48,12 +50,12 @@ def check_scorer_arguments(names: list[str], args: argparse.Namespace) -> None:
 
 def scorer_spec(name: str, args: argparse.Namespace) -> str:
     """What the scorer is (recorded, so a resumed run cannot mix two different models under one name)."""
-    return model_label(args) if name == "expert" else args.clip_model
+    return args.clip_model if name == "clip" else model_label(args)
 
 
 def build_scorer(name: str, args: argparse.Namespace) -> Scorer:
-    if name == "expert":
-        return ExpertScorer(open_engine(args))
+    if name in ("expert", "decision"):
+        return VerdictScorer(open_engine(args), "expert_score" if name == "expert" else "score")
     from assistant.clip.expert import ClipAnomalyExpert
 
     try:

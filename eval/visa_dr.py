@@ -19,16 +19,16 @@ from pathlib import Path
 from PIL import Image
 
 from assistant.cli import check_backend
-from assistant.engine import Conversation, Engine
+from assistant.engine import Conversation, Engine, agreeing_answers
 from assistant.image_io import load_image
-from assistant.prompts import DETECTION_QUESTION
+from assistant.prompts import DETECTION_QUESTION, NO, YES
 from data.errors import DataError
 from data.files import check_files_exist
 
 from .backends import batch_size, model_label, model_slug, open_engine
 from .published import BENCHMARK_CATEGORIES, VISA_DR, VISA_DR_COLUMNS
 from .records import AnswerLog, R, check_settings
-from .report import CHART_FILE, bar_chart, fmt, markdown_table, write_report
+from .report import CHART_FILE, bar_chart, domain_line, fmt, markdown_table, write_report
 from .runner import run_pending
 from .text_metrics import JUDGE_PROMPT, judge_prompt, judge_score
 from .visa_dr_data import SKIPPED_IN_REASONING, DetectionItem, Item, ReasoningItem, category, load_items, visa_dr_view
@@ -54,17 +54,24 @@ def _detect(
 
     def process(batch: list[DetectionItem]) -> list[DetectionAnswer]:
         conversations = [Conversation.start(view(item.image), DETECTION_QUESTION) for item in batch]
-        responses = engine().complete(conversations, args.max_new_tokens)
-        p_yes = (
-            [row["Yes"] for row in engine().choice_probabilities(conversations, ["Yes", "No"])]
-            if args.yes_probability
-            else [None] * len(batch)
-        )
+        if args.answer == "verdict":  # one decision: the answer opens with the Verdict's Yes/No
+            verdicts = [engine().analyze(c.image) for c in conversations]
+            decisions = [v.anomalous for v in verdicts]
+            responses = agreeing_answers(engine(), conversations, decisions, args.max_new_tokens)
+            extra = [{"p_yes": v.llm_yes_probability, "score": v.score, "in_domain": v.in_domain} for v in verdicts]
+        else:
+            responses = engine().complete(conversations, args.max_new_tokens)
+            p_yes = (
+                [row[YES] for row in engine().choice_probabilities(conversations, [YES, NO])]
+                if args.yes_probability
+                else [None] * len(batch)
+            )
+            extra = [{"p_yes": p} for p in p_yes]
         return [
             DetectionAnswer(
-                id=item.id, image=item.image, category=category(item.image), anomaly=item.anomaly, response=r, p_yes=p
+                id=item.id, image=item.image, category=category(item.image), anomaly=item.anomaly, response=r, **x
             )
-            for item, r, p in zip(batch, responses, p_yes, strict=True)
+            for item, r, x in zip(batch, responses, extra, strict=True)
         ]
 
     return process
@@ -78,14 +85,18 @@ def _reason(
 
     def process(batch: list[ReasoningItem]) -> list[ReasoningAnswer]:
         conversations = [Conversation.start(view(item.image), item.questions[0]) for item in batch]
+        decided = [engine().analyze(c.image).anomalous for c in conversations] if args.answer == "verdict" else None
         for turn in range(max(len(item.questions) for item in batch)):
             active = [i for i, item in enumerate(batch) if turn < len(item.questions)]
             if turn:
                 for i in active:
                     conversations[i].ask(batch[i].questions[turn])
-            for i, response in zip(
-                active, engine().complete([conversations[i] for i in active], args.max_new_tokens), strict=True
-            ):
+            asked = [conversations[i] for i in active]
+            if decided is None:
+                responses = engine().complete(asked, args.max_new_tokens)
+            else:  # no answer contradicts the image's one decision
+                responses = agreeing_answers(engine(), asked, [decided[i] for i in active], args.max_new_tokens)
+            for i, response in zip(active, responses, strict=True):
                 conversations[i].answer(response)
         return [
             ReasoningAnswer(
@@ -141,6 +152,7 @@ def _root(args: argparse.Namespace, data_file: str) -> Path:
 
 def run(args: argparse.Namespace) -> Path:
     check_backend(args)
+    args.answer = args.answer or ("chat" if args.endpoint else "verdict")
     if not (args.detection or args.reasoning):
         raise DataError("give --detection test_data.json and/or --reasoning visa_dr.json")
     if bool(args.judge_endpoint) != bool(args.judge_model):
@@ -151,6 +163,8 @@ def run(args: argparse.Namespace) -> Path:
     label = model_label(args)
     output = Path(args.output or f"eval-results/visa-dr-{model_slug(args)}")
     settings = {"benchmark": "visa-dr", "model": label, "max_new_tokens": args.max_new_tokens}
+    if args.answer == "verdict":
+        settings["answer"] = "verdict"  # an older run's records were plain chat: not mixed in
     settings |= {
         name: str(Path(path).resolve())
         for name, path in (("detection", args.detection), ("reasoning", args.reasoning))
@@ -165,7 +179,7 @@ def run(args: argparse.Namespace) -> Path:
     if detection_items:
         root = _root(args, args.detection)
         log = AnswerLog(output / "answers-detection.jsonl", DetectionAnswer)
-        with_probability = lambda record: record.p_yes is not None or not args.yes_probability  # noqa: E731
+        with_probability = lambda record: record.ranking is not None or not args.yes_probability  # noqa: E731
         detections = _run_part(
             args, detection_items, log, root, _detect(args, engine, root), "detection", with_probability
         )
@@ -222,8 +236,10 @@ def write_visa_dr_report(
         sections += [
             "## Detection (macro over classes)",
             markdown_table(["Model", *DETECTION_METRICS, "AUROC"], [ours, *published]),
-            "Prediction = 'Yes'/'yes' anywhere in the answer (official rule); AUROC from P(Yes) of the first token "
-            "(only with --yes-probability; '-' if a class has one label only).",
+            "Prediction = 'Yes'/'yes' anywhere in the answer (official rule); AUROC from the Verdict's score with "
+            "--answer verdict, else from P(Yes) of the first token (only with --yes-probability); '-' if a class "
+            "has one label only.",
+            domain_line([r.in_domain for r in detections]),
             "## Detection per class",
             markdown_table(
                 ["Class", "N", *DETECTION_METRICS, "AUROC"],

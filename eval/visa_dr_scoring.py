@@ -24,10 +24,18 @@ class DetectionAnswer(Record):
     anomaly: bool
     response: str
     p_yes: float | None = None
+    # With `--answer verdict` (our model): the Verdict's decision score and domain check.
+    score: float | None = None
+    in_domain: bool | None = None
 
     @property
     def predicted(self) -> bool:
         return "Yes" in self.response or "yes" in self.response  # the official rule
+
+    @property
+    def ranking(self) -> float | None:
+        """What AUROC ranks by: the Verdict's score when there is one, else P(Yes)."""
+        return self.p_yes if self.score is None else self.score
 
 
 class ReasoningAnswer(Record):
@@ -46,12 +54,13 @@ class JudgeAnswer(Record):
 
 def detection_metrics(records: Sequence[DetectionAnswer]) -> dict[str, dict[str, float | None]]:
     """Per class (and 'Macro' = unweighted mean over classes): Acc, Prec, Rec, F1 (0 where undefined, as
-    sklearn's default), AUROC from P(Yes) (None for a single-class class or without probabilities)."""
+    sklearn's default), AUROC from the Verdict's score or P(Yes) (None for a single-class class or without
+    scores)."""
     table: dict[str, dict[str, float | None]] = {}
     for name in sorted({r.category for r in records}):
         mine = [r for r in records if r.category == name]
         truth, predicted = [r.anomaly for r in mine], [r.predicted for r in mine]
-        scores = [r.p_yes for r in mine]
+        scores = [r.ranking for r in mine]
         two_classes = len(set(truth)) == 2 and None not in scores
         table[name] = {
             "N": len(mine),

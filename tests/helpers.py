@@ -21,10 +21,10 @@ import openai
 import torch
 from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from assistant.client import to_messages
-from assistant.engine import Conversation, LocalEngine
+from assistant.engine import Conversation, LocalEngine, agreeing_answer
 from assistant.factory import tiny_assistant, tiny_tokenizer
 from assistant.verdict import Verdict
 
@@ -43,6 +43,33 @@ def defect_image(height: int = 120, width: int = 160, seed: int = 0, defect: boo
         y, x = height // 3, width // 2
         pixels[y : y + max(2, height // 20), x - width // 6 : x + width // 6] = 245
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def texture(seed: int, size: int = 96) -> Image.Image:
+    """One family: blurred grey noise of random brightness and contrast."""
+    rng = np.random.default_rng(seed)
+    noise = np.asarray(
+        Image.fromarray(np.clip(128 + 40 * rng.standard_normal((size, size)), 0, 255).astype(np.uint8)).filter(
+            ImageFilter.GaussianBlur(1.5)
+        ),
+        dtype=np.float64,
+    )
+    pixels = (noise - noise.mean()) / (noise.std() + 1e-6) * rng.uniform(15, 25) + rng.uniform(110, 140)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def scene(seed: int, size: int = 96) -> Image.Image:
+    """A very different family: a colour gradient sky with bright ellipses and rectangles."""
+    rng = np.random.default_rng(seed)
+    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    ramp = np.linspace(0, 1, size)[:, None, None]
+    image = Image.fromarray((top * (1 - ramp) + bottom * ramp).repeat(size, 1).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        (x0, y0), (width, height) = rng.integers(0, size - 20, 2), rng.integers(10, 50, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + width, y0 + height], fill=colour)
+    return image
 
 
 def model_inputs(processor, images: list[Image.Image], question: str = "Are there any defects?"):
@@ -84,8 +111,9 @@ def served_tokens(client: openai.OpenAI, name: str, conversation: Conversation, 
 
 
 def expected_answer(engine: LocalEngine, conversation: Conversation) -> str:
-    """What the app should show for this conversation: the engine's own greedy answer."""
-    return engine.complete([conversation], APP_MAX_NEW_TOKENS)[0].strip()
+    """What the app should show for this conversation: the engine's own greedy answer, agreeing with the verdict."""
+    decided = engine.analyze(conversation.image, conversation.references).anomalous
+    return agreeing_answer(engine, conversation, decided, APP_MAX_NEW_TOKENS).strip()
 
 
 # -- a Llama-3-style tiny model: Meta's Llama 3 chat template and special tokens, nothing like ChatML ---------
@@ -141,7 +169,8 @@ def stub_verdict(url: str) -> dict:
     """Bright pixels are the 'defect': score grows with their share, the heatmap is the brightness."""
     gray = decode_image(url)
     score = float(min(1.0, 20 * (gray > 200).mean()))
-    return Verdict(anomalous=score >= 0.2, score=score, heatmap=gray / 255.0, reasoning="").model_dump(mode="json")
+    verdict = Verdict(anomalous=score >= 0.2, score=score, heatmap=gray / 255.0, expert_score=score)
+    return verdict.model_dump(mode="json")
 
 
 class StubServer:

@@ -78,7 +78,7 @@ def text_of(message: dict) -> str:
 def test_first_question_streams_the_answer_beside_verdict_heatmap_and_boxes(client, app_engine, part):
     job = client.submit("Is there a defect?", handle_file(part), None, 0.5, api_name="/chat")
     chunks = list(job)
-    history, question_box, label, heatmap, rois = job.result()
+    history, question_box, label, domain, heatmap, rois = job.result()
 
     assert len(chunks) >= 3  # the panel first, then the answer as it grows, then everything again
     assert [m["role"] for m in history] == ["user", "assistant"]
@@ -90,6 +90,7 @@ def test_first_question_streams_the_answer_beside_verdict_heatmap_and_boxes(clie
     assert {c["label"]: c["confidence"] for c in label["confidences"]} == pytest.approx(
         {"Anomalous": analysis.score, "Normal": 1 - analysis.score}
     )
+    assert domain.startswith("**Domain unknown:**")  # the tiny model carries no domain statistics
     assert Image.open(heatmap["path"]).size == (160, 120)
     assert analysis.boxes and len(rois["annotations"]) == len(analysis.boxes)
     assert rois["annotations"][0]["label"].startswith("region 1 · peak")
@@ -101,7 +102,7 @@ def test_follow_up_keeps_the_conversation_and_the_encoded_image(client, app_engi
     encode = app_engine.model.encode_images
     monkeypatch.setattr(app_engine.model, "encode_images", lambda **inputs: calls.append(1) or encode(**inputs))
 
-    history, _, label, _, _ = ask(client, "Where is it?", part)
+    history, _, label, _, _, _ = ask(client, "Where is it?", part)
 
     assert calls == []  # the cached encoding of the first turn answered the second
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
@@ -145,8 +146,8 @@ def test_reblend_before_any_question_changes_nothing(client):
 
 def test_reset_empties_chat_verdict_and_uploads(client, part):
     ask(client, "Is there a defect?", part)
-    chat, label, heatmap, rois, question, image, reference = client.predict(api_name="/reset")
-    assert chat == [] and label == {} and heatmap is None and rois is None
+    chat, label, domain, heatmap, rois, question, image, reference = client.predict(api_name="/reset")
+    assert chat == [] and label == {} and domain == "" and heatmap is None and rois is None
     assert question == "" and image is None and reference is None
     assert client.predict(0.3, api_name="/reblend") == {"__type__": "update"}  # the session went too
 
@@ -199,12 +200,13 @@ def test_endpoint_backend_chats_and_shows_the_servers_verdict(stub_server, part)
     demo = build_demo(backend.engine, backend=backend.description)
     try:
         app = connect(launch(demo, port=free_port(), block=False))
-        history, _, label, heatmap, _ = ask(app, "Is there a defect?", part)
+        history, _, label, domain, heatmap, _ = ask(app, "Is there a defect?", part)
     finally:
         demo.close()
     assert text_of(history[-1]) == "The part shows a bright scratch near the top."
     # The stub calls a score of 0.2 anomalous: the label must follow that decision, not the larger class.
     assert label["label"].startswith("Anomalous (anomaly score 0.")
+    assert domain.startswith("**Domain unknown:**")  # the tiny model carries no domain statistics
     assert Image.open(heatmap["path"]).size == (160, 120)
 
 
@@ -243,7 +245,7 @@ def test_app_py_serves_the_app_on_the_given_model(tiny_path, part, tmp_path):
                 pass
             assert time.monotonic() < deadline, f"app.py did not start:\n{log.read_text()}"
             time.sleep(0.3)
-        history, _, label, _, _ = ask(connect(f"http://127.0.0.1:{port}/"), "Is there a defect?", part)
+        history, _, label, _, _, _ = ask(connect(f"http://127.0.0.1:{port}/"), "Is there a defect?", part)
         assert label["label"] in ("Normal", "Anomalous") and history[-1]["role"] == "assistant"
         assert f"backend: in-process model `{tiny_path}`" in log.read_text()
     finally:

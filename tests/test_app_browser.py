@@ -1,4 +1,4 @@
-"""End to end in headless Chromium: upload, ask twice, and see the answer, verdict, heatmap and boxes.
+"""End to end in headless Chromium: upload, ask twice, and see the answer, verdict, domain notice, heatmap and boxes.
 
 Playwright drives the system Chromium (`executable_path`), so nothing is downloaded; the browser's own
 DNS is pinned to nowhere except 127.0.0.1 and the test fails if the page requests anything off the machine.
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from assistant.domain import fit_domain
 from assistant.engine import Conversation
-from tests.helpers import ROOT, defect_image, expected_answer
+from tests.helpers import ROOT, expected_answer, scene, texture
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
@@ -82,10 +83,18 @@ def words(text: str) -> list[str]:
     return text.split()
 
 
-def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, app_engine, tmp_path):
+@pytest.fixture
+def textile_domain(app_engine):
+    """The engine's model told it knows grey textures only: a colourful scene is then out of its domain."""
+    app_engine.domain = fit_domain(app_engine, [texture(seed) for seed in range(30)], source="grey textures")
+    yield
+    app_engine.domain = None
+
+
+def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, app_engine, textile_domain, tmp_path):
     expect = playwright.expect
     part, junk = tmp_path / "part.png", tmp_path / "junk.png"
-    defect_image().save(part)
+    scene(3, size=160).save(part)  # anomalous all the same: the test engine's expert calls everything so
     junk.write_text("not an image")
 
     page.locator("#image input[type=file]").set_input_files(str(junk))
@@ -100,6 +109,8 @@ def test_upload_ask_twice_and_see_answer_verdict_heatmap_and_boxes(page, app_eng
     expect(page.locator("#chatbot [data-testid=user] img")).to_have_count(1)  # the photo opens the chat
     expect(page.locator("#verdict [data-testid=label-output-value]")).to_have_text("Anomalous")
     expect(page.locator("#verdict [data-testid=Anomalous-confidence-set]")).to_contain_text("%")
+    assert app_engine.analyze(part).in_domain is False
+    expect(page.locator("#domain")).to_contain_text("Out of domain")  # beside the verdict, in the screenshot
     image_shown(page, "#heatmap img")
     image_shown(page, "#rois img.base-image")
     expect(page.locator("#rois .legend-item").first).to_contain_text("region 1")

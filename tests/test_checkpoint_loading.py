@@ -55,7 +55,7 @@ def test_the_image_side_alone_gives_the_full_models_verdict(composed, tmp_path):
         image_side, side_processor = load_image_side(folder, model.config)
         if folder != composed:
             assert not hasattr(image_side, "language_model")  # the plain folder's image modules only
-        verdict = ImageAnalyzer(image_side, side_processor).analyze(image)
+        verdict = ImageAnalyzer(image_side, side_processor).decide(image, [], expected.llm_yes_probability)
         assert verdict.score == pytest.approx(expected.score, abs=1e-6)
         assert verdict.boxes == expected.boxes
 

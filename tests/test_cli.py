@@ -126,7 +126,9 @@ def test_inspect_through_an_endpoint_prints_the_served_verdict(endpoint, tmp_pat
     verdict = json.loads(capsys.readouterr().out)
     expected = stub_verdict(data_url(load_image(part)))
     assert verdict["anomalous"] and verdict["score"] == pytest.approx(expected["score"])
-    assert verdict["reasoning"] == stub_answer(stub.requests[1])  # /inspect first, then the chat answer
+    # /inspect first, then the chat answer: the stub ignores the opening it is given to continue, the client keeps it
+    assert verdict["reasoning"] == "Yes," + stub_answer(stub.requests[1])
+    assert stub.requests[1]["continue_final_message"] and stub.requests[1]["messages"][-1]["content"] == "Yes,"
     assert [request.get("image_url") is not None for request in stub.requests[:2]] == [True, False]
 
 

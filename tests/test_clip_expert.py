@@ -250,8 +250,9 @@ def test_cli_clip_expert_takes_its_reasoning_from_the_model(bright_spec, bright_
     assert main([*argv, "--json", "--max-new-tokens", "4", "--threshold", "1"]) == 0
     verdict = Verdict.model_validate(json.loads(capsys.readouterr().out))
     engine = LocalEngine.from_pretrained(tiny_path, device="cpu")
-    expected = engine.complete([Conversation.start(bright_file, INSPECTION_QUESTION)], 4)[0].strip()
-    assert expected and verdict.reasoning == expected
+    # the CLIP expert decides (--threshold 1: normal); the model's text continues that decision
+    expected = engine.complete([Conversation.start(bright_file, INSPECTION_QUESTION).opening("No,")], 4)[0].strip()
+    assert expected.startswith("No,") and verdict.reasoning == expected
 
 
 def test_cli_reports_clip_usage_errors(configs, bright_file, tiny_path, capsys):

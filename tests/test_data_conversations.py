@@ -108,3 +108,19 @@ def test_data_cli_writes_checks_and_reports_problems(tmp_path, capsys):
     assert run_data_cli("check", str(conversations), "--image-root", str(root)) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: 1 missing image file(s):\n  instruct.json[0] id=pill/train/good/000")
+
+
+def test_multiple_choice_records_are_added_without_changing_the_others(tmp_path):
+    images = labelled(tmp_path, count_normal=5, count_defect=3)
+    plain = conversation_records(images, tmp_path, seed=4)
+    assert conversation_records(images, tmp_path, seed=4, multiple_choice=0, shots=1) == plain
+    mixed = conversation_records(images, tmp_path, seed=4, multiple_choice=2, shots=(0, 1))
+    assert [r for r in mixed if "type" not in r] == plain
+    choice = [r for r in mixed if "type" in r]
+    assert len(choice) == 2 * len(plain)  # two per image, of distinct types
+    assert all(first["type"] != second["type"] for first, second in zip(choice[::2], choice[1::2], strict=True))
+    assert [r["id"].split("#")[0] for r in choice[::2]] == [r["id"] for r in plain]  # each follows its image's
+    for record in choice:
+        images_shown = record["image"] if isinstance(record["image"], list) else [record["image"]]
+        assert record["conversations"][0]["value"].count("<image>") == len(images_shown)
+        assert record["conversations"][1]["value"] in {"A", "B", "C", "D"}

@@ -11,14 +11,21 @@ from data.textile import CLASSES, source_folder, speck_mask, speck_position, spl
 
 def test_split_is_seeded_per_class_and_disjoint():
     source = source_folder()
-    first, again = split_files(source, 0.2, seed=0), split_files(source, 0.2, seed=0)
-    assert first == again and split_files(source, 0.2, seed=1) != first
+    first, again = split_files(source, 0.2, seed=0, validation_fraction=0.1), split_files(source, 0.2, 0, 0.1)
+    assert first == again and split_files(source, 0.2, seed=1, validation_fraction=0.1) != first
     for folder in CLASSES.values():
-        train, test = set(first["train"][folder]), set(first["test"][folder])
-        assert not train & test and len(test) == round(0.2 * (len(train) + len(test)))
-    paths = split_paths("test", 0.2, seed=0)
+        train, val, test = (set(first[split][folder]) for split in ("train", "val", "test"))
+        total = len(train) + len(val) + len(test)
+        assert not train & test and not train & val and not val & test
+        assert len(test) == round(0.2 * total) and len(val) == round(0.1 * total)
+    # the held-out test split does not move when a validation split is carved out of train
+    without_validation = split_files(source, 0.2, seed=0)
+    assert without_validation["test"] == first["test"] and "val" not in without_validation
+    paths = split_paths("test")
     assert {folder: [path.name for path in files] for folder, files in paths.items()} == first["test"]
     assert all(path.is_file() for files in paths.values() for path in files)
+    with pytest.raises(DataError, match="validation_fraction"):
+        split_files(source, 0.2, seed=0, validation_fraction=0.8)
 
 
 def test_speck_position_finds_a_pasted_speck():

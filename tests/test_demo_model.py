@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from assistant.card import ModelCard
 from assistant.defaults import default_model_path
 from assistant.engine import Conversation, LocalEngine, inspect
 from assistant.image_io import load_image
 from assistant.prompts import DETECTION_QUESTION
+from assistant.ui.examples import model_examples
 from data.textile import speck_position, split_paths
+from eval.calibrate import expected_calibration_error
+from training.demo_card import other_photos
 
 PER_CLASS = 12  # held-out images per class (normal, local, global)
 IMAGE_AUROC_FLOOR = 0.7  # normal vs any defect (measured 0.886 on all 400); chance is 0.5
@@ -24,6 +28,14 @@ LOCAL_COUNT = 40  # held-out local defects and as many normal images for the loc
 LOCAL_AUROC_FLOOR = 0.65  # normal vs local defects (measured 0.78 on these 80, 0.77 on all 300); the old recipe: 0.48
 PEAK_RADIUS = 16  # px on the 250 px images: one patch of the 256 px tiles
 PEAK_ON_SPECK_FLOOR = 0.3  # share of local defects with the heatmap peak on the speck (measured 0.60); chance ~0.01
+CALIBRATION_PER_CLASS = 40  # held-out images per class for the calibration check
+ECE_CEILING = 0.12  # TODO measured
+DOMAIN_PER_CLASS = 20
+IN_DOMAIN_FLOOR = 0.95  # held-out textiles in domain (the issue's bar)
+OUT_OF_DOMAIN_FLOOR = 0.95  # other photos out of domain (the issue's bar)
+MMAD_PER_CLASS = 8  # held-out images per class in the MMAD-format check (~22 questions)
+LETTER_RATE_FLOOR = 0.95  # TODO measured
+MMAD_ACCURACY_FLOOR = 0.5  # TODO measured
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +89,56 @@ def test_chat_answers_detect_global_defects(engine, held_out):
     said_yes = ["yes" in answer.lower() for answer in answers]
     accuracy = np.mean([said == label for said, label in zip(said_yes, labels)])
     assert accuracy >= DETECTION_ACCURACY_FLOOR, answers
+
+
+def test_the_score_is_calibrated_on_held_out_images(engine):
+    """Fitted on the validation split; an uncalibrated score (the raw sigmoid) had ECE 0.17 on the test split."""
+    paths = split_paths("test")
+    images = [(path, folder != "good") for folder in paths for path in paths[folder][:CALIBRATION_PER_CLASS]]
+    scores = np.array([engine.analyze(load_image(path)).score for path, _ in images])
+    labels = np.array([anomalous for _, anomalous in images])
+    assert engine.model.config.decision.calibrated
+    assert expected_calibration_error(labels, scores) <= ECE_CEILING
+
+
+def test_held_out_textiles_are_in_domain_and_other_photos_are_not(engine):
+    paths = split_paths("test")
+    textiles = [load_image(path) for folder in paths for path in paths[folder][:DOMAIN_PER_CLASS]]
+    assert np.mean([engine.in_domain(image) for image in textiles]) >= IN_DOMAIN_FLOOR
+    photos = other_photos()  # scikit-image's sample photos (astronaut, coffee, ...): never textiles
+    assert np.mean([engine.in_domain(photo) is False for photo in photos]) >= OUT_OF_DOMAIN_FLOOR
+
+
+def test_mmad_format_questions_get_a_letter(tmp_path):
+    """A held-out MMAD-format file asked the official way (1-shot, options shuffled) through `eval mmad`."""
+    from assistant.cli import main
+    from data.folder import load_folder
+    from data.mmad_format import write_mmad_benchmark
+    from data.textile import DEMO_SPLIT, write_textile_dataset
+    from eval.mmad import ANSWERS_FILE, MMADAnswer
+    from eval.mmad_scoring import strict_letter
+
+    root = write_textile_dataset(tmp_path / "data", DEMO_SPLIT["test_fraction"], 0, DEMO_SPLIT["validation_fraction"])
+    test = load_folder(root, "mvtec", "test")
+    classes = (None, "local defect", "global defect")
+    chosen = [item for defect in classes for item in [i for i in test if i.defect == defect][:MMAD_PER_CLASS]]
+    benchmark = write_mmad_benchmark(chosen, tmp_path / "mmad.json", templates=[i for i in test if not i.anomalous])
+    assert main(["eval", "mmad", "--data", str(benchmark), "--output", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    lines = (tmp_path / "run" / ANSWERS_FILE).read_text().splitlines()
+    records = [MMADAnswer.model_validate_json(line) for line in lines]
+    letters = [strict_letter(record.response, record.options) for record in records]
+    assert np.mean([letter is not None for letter in letters]) >= LETTER_RATE_FLOOR
+    assert np.mean([letter == record.answer for letter, record in zip(letters, records)]) >= MMAD_ACCURACY_FLOOR
+
+
+def test_the_bundled_examples_get_the_right_verdict(engine):
+    card = ModelCard.load(default_model_path())
+    examples = model_examples(default_model_path(), card)
+    assert {example.label for example in card.examples} == {"normal", "local defect", "global defect"}
+    for example, shown in zip(card.examples, examples):
+        references = [load_image(shown.reference)] if shown.reference else []
+        verdict = engine.analyze(load_image(shown.image), references)
+        assert verdict.anomalous == (example.label != "normal") and verdict.in_domain, example
 
 
 def test_a_flagged_defect_gets_a_verdict_with_heatmap_and_a_sentence(engine, held_out):

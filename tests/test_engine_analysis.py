@@ -27,9 +27,9 @@ def engine() -> LocalEngine:
     return LocalEngine(model, processor)
 
 
-def test_the_score_shown_is_the_platt_scaled_expert_logit(engine):
+def test_the_score_shown_is_the_decisions_scaled_expert_logit(engine):
     image = defect_image()
-    engine.model.config.apply_settings(Settings(expert={"score_scale": 0.5, "score_shift": -1.25}))
+    engine.model.config.apply_settings(Settings(decision={"expert_weight": 0.5, "bias": -1.25}))  # llm_weight 0
     logit = float(engine.encode([image]).analysis.logits[0])
     assert engine.analyze(image).score == pytest.approx(1 / (1 + np.exp(-(0.5 * logit - 1.25))), abs=1e-6)
     assert abs(engine.analyze(image).score - 1 / (1 + np.exp(-logit))) > 0.05  # not the raw sigmoid

@@ -74,7 +74,7 @@ def test_verdict_has_image_resolution_heatmap_and_consistent_fields(engine):
     verdict = inspect(engine, image, max_new_tokens=8)
     assert verdict.heatmap.shape == (130, 170)
     assert 0.0 <= verdict.score <= 1.0
-    assert verdict.anomalous == (verdict.score >= engine.model.config.expert.decision_threshold)
+    assert verdict.anomalous == (verdict.score >= engine.model.config.decision.threshold)
     assert verdict.anomalous or verdict.boxes == []
 
 

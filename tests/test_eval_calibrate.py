@@ -1,4 +1,4 @@
-"""Platt calibration of the expert score: the fit, the calibration errors, and writing the config."""
+"""Calibration of the decision: the logistic fit, the calibration errors, and writing the config."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 
 from assistant.cli import main
 from assistant.errors import UsageError
-from eval.calibrate import expected_calibration_error, fit_platt
+from eval.calibrate import expected_calibration_error, fit_logistic
 
 
 def test_expected_calibration_error_by_hand():
@@ -18,14 +18,15 @@ def test_expected_calibration_error_by_hand():
     assert expected_calibration_error(labels, probabilities) == pytest.approx(0.5 * 0.05 + 0.25 * 0.45 + 0.25 * 0.05)
 
 
-def test_platt_fit_recovers_a_known_scaling():
+def test_logistic_fit_recovers_a_known_fusion():
     rng = np.random.default_rng(0)
-    logits = rng.normal(0, 3, 4000)
-    labels = (rng.random(4000) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(int)
-    scale, shift = fit_platt(logits, labels)
-    assert scale == pytest.approx(0.5, abs=0.08) and shift == pytest.approx(-1.0, abs=0.15)
+    expert, llm = rng.normal(0, 3, 40000), rng.normal(0, 2, 40000)
+    labels = (rng.random(40000) < 1 / (1 + np.exp(-(0.5 * expert + 1.5 * llm - 1.0)))).astype(int)
+    (expert_weight, llm_weight), bias = fit_logistic(np.stack([expert, llm], axis=1), labels)
+    assert expert_weight == pytest.approx(0.5, abs=0.08) and llm_weight == pytest.approx(1.5, abs=0.15)
+    assert bias == pytest.approx(-1.0, abs=0.15)
     with pytest.raises(UsageError, match="both normal and anomalous"):
-        fit_platt(logits, np.zeros_like(labels))
+        fit_logistic(expert[:, None], np.zeros_like(labels))
 
 
 def test_calibrate_command_writes_the_scaling(tiny_path, tmp_path, capsys):
@@ -42,11 +43,12 @@ def test_calibrate_command_writes_the_scaling(tiny_path, tmp_path, capsys):
         broken = tmp_path / "data" / "part" / "train" / "scratch" / f"{index}.png"
         broken.parent.mkdir(parents=True, exist_ok=True)
         defect_image(seed=10 + index).save(broken)
-    args = ["eval", "calibrate", "--data", str(tmp_path / "data"), "--model", str(model), "--device", "cpu"]
-    assert main(args) == 0
-    assert json.loads((model / "config.json").read_text())["expert"]["score_scale"] == 1.0  # not written
-    assert main([*args, "--write"]) == 0
+    args = ["eval", "calibrate", "--data", str(tmp_path / "data"), "--split", "train", "--model", str(model)]
+    assert main([*args, "--expert-only"]) == 0
+    assert json.loads((model / "config.json").read_text())["decision"]["fitted_on"] is None  # not written
+    assert main([*args, "--expert-only", "--write"]) == 0
     output = capsys.readouterr().out
-    assert "6 images (3 anomalous)" in output and "calibrated:" in output
-    expert = json.loads((model / "config.json").read_text())["expert"]
-    assert expert["score_scale"] != 1.0 or expert["score_shift"] != 0.0
+    assert "6 images (3 anomalous)" in output and "fitted:" in output
+    decision = json.loads((model / "config.json").read_text())["decision"]
+    assert decision["llm_weight"] == 0.0 and (decision["expert_weight"] != 1.0 or decision["bias"] != 0.0)
+    assert decision["fitted_on"] == "data [train], 6 images (3 anomalous)"

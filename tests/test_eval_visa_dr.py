@@ -164,3 +164,27 @@ def test_published_rows_only_beside_the_same_visa_classes(categories, published,
     text = write_visa_dr_report(tmp_path, "ours", detections, [], {}, skipped=0).read_text()
     assert ("Anomaly-OV-7B (published)" in text) == published
     assert "| ours | 0.50 | 0.50 | 1.00 | 0.67 |" in text
+
+
+def test_local_detection_answers_with_the_verdicts_decision(tiny_path, tmp_path):
+    """--answer verdict (the in-process default): every answer opens with the Verdict's Yes/No, AUROC ranks by its
+    score, and the report states the out-of-domain share (here: domain unknown)."""
+    from assistant.config import Settings
+    from assistant.image_io import load_image
+    from assistant.prompts import stated_decision
+    from eval.visa_dr_data import visa_dr_view
+
+    detection, _ = write_visa_dr(tmp_path / "data")
+    output = tmp_path / "run"
+    fused = ["decision.llm_weight=3"]  # the LLM's P(Yes) counts: the decision is not the expert's alone
+    base = ["eval", "visa-dr", "--detection", str(detection), "--model", str(tiny_path), "--max-new-tokens", "3"]
+    assert main([*base, "--output", str(output), "--set", fused[0]]) == 0
+    records = list(AnswerLog(output / "answers-detection.jsonl", DetectionAnswer).load().values())
+    engine = LocalEngine.from_pretrained(tiny_path, device="cpu", settings=Settings.parse(fused))
+    for record in records:
+        verdict = engine.analyze(visa_dr_view(load_image(tmp_path / "data" / record.image)))
+        assert record.score == pytest.approx(verdict.score, abs=1e-6)
+        assert stated_decision(record.response) == verdict.anomalous, record.response
+    assert len(records) == len(DETECTION)
+    report = (output / "report.md").read_text()
+    assert "Domain: unknown" in report

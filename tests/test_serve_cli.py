@@ -55,3 +55,14 @@ def test_gpu_command_line_keeps_cuda_graphs_and_needs_no_key():
 def test_serve_explains_when_vllm_is_missing(tiny_path, capsys):
     assert main(["serve", "--model", str(tiny_path), "--python", sys.executable]) == 2
     assert "vLLM is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damaged", ["model_card.json", "domain.safetensors"])
+def test_serve_refuses_a_damaged_card_or_domain_before_starting(tiny_path, tmp_path, capsys, damaged):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_path, model)
+    (model / damaged).write_text("{ not what it should be")
+    assert main(["serve", "--model", str(model), "--python", sys.executable]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {model / damaged}: ")

@@ -20,10 +20,12 @@ import openai
 import pytest
 import torch
 
+from assistant.card import ModelCard
 from assistant.client import EndpointEngine, data_url, to_messages
 from assistant.engine import Conversation, LocalEngine, inspect
 from assistant.factory import save_assistant, tiny_assistant
 from assistant.image_io import MAX_BYTES
+from assistant.prompts import stated_decision
 from assistant.serve.plugin import OPEN_PATHS
 from assistant.serve.process import ServerProcess, free_port
 from assistant.verdict import Verdict
@@ -246,6 +248,9 @@ def assert_same_verdict(served: Verdict, expected: Verdict) -> None:
     assert np.abs(served.heatmap - expected.heatmap).max() < 1e-3
     assert [(b.x0, b.y0, b.x1, b.y1) for b in served.boxes] == [(b.x0, b.y0, b.x1, b.y1) for b in expected.boxes]
     assert (served.reasoning, served.defect) == (expected.reasoning, expected.defect)
+    assert served.expert_score == pytest.approx(expected.expert_score, abs=1e-4)
+    assert served.llm_yes_probability == pytest.approx(expected.llm_yes_probability, abs=1e-4)  # exact logprobs
+    assert stated_decision(served.reasoning) == served.anomalous  # one decision, text included
 
 
 @pytest.mark.vllm
@@ -259,6 +264,16 @@ def test_inspect_returns_the_in_process_verdict(servers, local, key):
     served = Verdict.model_validate(response.json())
     assert_same_verdict(served, inspect(local[key], image, [reference], max_new_tokens=8))
     assert served.anomalous == (key == "roi") and bool(served.boxes) == served.anomalous  # the checkpoints' biases
+
+
+@pytest.mark.vllm
+def test_the_model_card_route_says_what_is_served(servers, checkpoints):
+    server = servers["roi"]
+    response = httpx.get(f"{server.url}/model-card", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert ModelCard.model_validate(response.json()) == ModelCard.load(checkpoints["roi"])
+    assert httpx.get(f"{server.url}/model-card", timeout=30).status_code == 401  # the key guards it too
+    assert EndpointEngine(server.url, NAME, api_key=API_KEY).model_card() == ModelCard.load(checkpoints["roi"])
 
 
 @pytest.mark.vllm

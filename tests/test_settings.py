@@ -17,13 +17,13 @@ from tests.helpers import defect_image
 
 
 def test_sub_configs_are_typed_objects_saved_as_plain_json(tmp_path):
-    config = AssistantConfig(roi={"max_boxes": 3}, expert={"decision_threshold": 0.25})
+    config = AssistantConfig(roi={"max_boxes": 3}, decision={"threshold": 0.25})
     assert isinstance(config.roi, RoiConfig) and isinstance(config.expert, ExpertConfig)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["roi"]["max_boxes"] == 3 and saved["expert"]["decision_threshold"] == 0.25
+    assert saved["roi"]["max_boxes"] == 3 and saved["decision"]["threshold"] == 0.25
     loaded = AssistantConfig.from_pretrained(tmp_path)
-    assert loaded.roi == config.roi and loaded.expert == config.expert
+    assert loaded.roi == config.roi and loaded.expert == config.expert and loaded.decision == config.decision
     with pytest.raises(ValidationError, match="frozen"):
         loaded.roi.enabled = False  # changed only through Settings
 
@@ -36,8 +36,8 @@ def test_the_shipped_config_json_still_loads():
 
 def test_settings_change_only_what_they_name_and_are_validated_as_a_whole():
     config = AssistantConfig(roi={"max_boxes": 3})
-    config.apply_settings(Settings.parse(["roi.enabled=false", "expert.decision_threshold=0.4"]))
-    assert (config.roi.enabled, config.roi.max_boxes, config.expert.decision_threshold) == (False, 3, 0.4)
+    config.apply_settings(Settings.parse(["roi.enabled=false", "decision.threshold=0.4"]))
+    assert (config.roi.enabled, config.roi.max_boxes, config.decision.threshold) == (False, 3, 0.4)
     config.update({"roi": {"pool": 1}})  # transformers' and vLLM's route (`--hf-overrides`) is the same one
     assert (config.roi.pool, config.roi.max_boxes, config.roi.enabled) == (1, 3, False)
     with pytest.raises(SettingsError, match=r"^expert: suspicion_thresholds must satisfy"):
@@ -51,7 +51,7 @@ def test_settings_change_only_what_they_name_and_are_validated_as_a_whole():
         ("rio.enabled=false", r"^rio: Extra inputs are not permitted$"),
         ("roi.max_boxes=0", r"^roi\.max_boxes: Input should be greater than or equal to 1$"),
         ("roi.map_source=clip", r"^roi\.map_source: Input should be 'expert' or 'external'$"),
-        ("expert.decision_threshold=high", r"^expert\.decision_threshold: Input should be a valid number"),
+        ("decision.threshold=high", r"^decision\.threshold: Input should be a valid number"),
         ("roi", r"expected SECTION\.KEY=VALUE"),
         ("roi.enabled=", r"expected SECTION\.KEY=VALUE"),
     ],
@@ -65,9 +65,9 @@ def test_the_cli_applies_settings_and_reports_bad_ones_in_one_line(tiny_path, im
     assert main(["inspect", image_file, "--model", str(tiny_path), "--set", "roi.enabeld=false"]) == 2
     assert capsys.readouterr().err == "error: roi.enabeld: Extra inputs are not permitted\n"
     argv = ["inspect", image_file, "--model", str(tiny_path), "--json", "--max-new-tokens", "1"]
-    assert main([*argv, "--set", "expert.decision_threshold=0.0"]) == 0
+    assert main([*argv, "--set", "decision.threshold=0.0"]) == 0
     assert json.loads(capsys.readouterr().out)["anomalous"] is True  # every score is >= 0
-    assert main([*argv, "--set", "expert.decision_threshold=1.0", "--set", "expert.score_shift=-50"]) == 0
+    assert main([*argv, "--set", "decision.threshold=1.0", "--set", "decision.bias=-50"]) == 0
     assert json.loads(capsys.readouterr().out)["anomalous"] is False
 
 
@@ -87,7 +87,7 @@ def test_serve_passes_settings_to_vllm_as_hf_overrides():
     args = build_parser().parse_args(["serve", "--model", "m", "--set", "roi.enabled=false"])
     command = server_command(args, "/models/m", "python", cpu=True)
     overrides = json.loads(command[command.index("--hf-overrides") + 1])
-    assert overrides == {"expert": {}, "roi": {"enabled": False}}
+    assert overrides == {"expert": {}, "roi": {"enabled": False}, "decision": {}}
     plain = server_command(build_parser().parse_args(["serve", "--model", "m"]), "/models/m", "python", cpu=True)
     assert "--hf-overrides" not in plain
 

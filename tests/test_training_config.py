@@ -35,7 +35,7 @@ def test_shipped_configs_parse_and_round_trip(path, tmp_path):
 
 def test_a_saved_config_loads_back_equal(tmp_path):
     data = {
-        "model": {"path": "ckpt", "settings": {"roi": {"enabled": False}, "expert": {"decision_threshold": 0.4}}},
+        "model": {"path": "ckpt", "settings": {"roi": {"enabled": False}, "decision": {"threshold": 0.4}}},
         "data": {
             "folders": [{"root": "r", "layout": "visa", "split": "test", "categories": ["pcb1"]}],
             "synthesize": {"categories": ["pill"], "size": 56},
@@ -126,9 +126,9 @@ def test_model_settings_reach_the_loaded_model(tiny_path):
     assert load_assistant(ModelSource(tiny=True))[0].config.roi.enabled is True
     config = parse_config({**INSTRUCT, "model": {"tiny": True, "settings": {"roi": {"enabled": False}}}}, "instruct")
     assert load_assistant(config.model)[0].config.roi.enabled is False
-    settings = {"roi": {"enabled": False}, "expert": {"decision_threshold": 0.25}}
+    settings = {"roi": {"enabled": False}, "decision": {"threshold": 0.25}}
     model, _ = load_assistant(ModelSource(path=str(tiny_path), settings=settings))
-    assert model.config.roi.enabled is False and model.config.expert.decision_threshold == 0.25
+    assert model.config.roi.enabled is False and model.config.decision.threshold == 0.25
 
 
 def test_a_yaml_that_is_not_a_mapping_is_an_error(tmp_path):

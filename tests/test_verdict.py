@@ -58,8 +58,8 @@ def test_the_expert_verdict_is_built_at_the_images_size():
     heatmap = np.zeros((50, 100), np.float32)
     heatmap[10:20, 40:60] = 1.0
     boxes = [Box(x0=40, y0=10, x1=60, y1=20, score=1.0)]
-    verdict = Verdict.of_expert(0.7, 0.5, heatmap, boxes, (200, 100))  # the image is twice the map's size
+    verdict = Verdict.decided(0.7, 0.5, heatmap, boxes, (200, 100))  # the image is twice the map's size
     assert verdict.anomalous and verdict.heatmap.shape == (100, 200)
     assert [box.corners for box in verdict.boxes] == [(80, 20, 120, 40)]
-    normal = Verdict.of_expert(0.3, 0.5, heatmap, boxes, (200, 100))
+    normal = Verdict.decided(0.3, 0.5, heatmap, boxes, (200, 100))
     assert not normal.anomalous and normal.boxes == [] and normal.reasoning == "" and normal.defect is None

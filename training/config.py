@@ -101,7 +101,7 @@ class FolderSource(_Section):
 
     root: str
     layout: Literal["mvtec", "visa"] = "mvtec"
-    split: Literal["train", "test", "all"] = "all"
+    split: Literal["train", "val", "test", "all"] = "all"
     categories: list[str] = []
 
 

@@ -11,12 +11,15 @@ is the model's own `analyze_queries`, the vision pass and expert that `encode_im
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from assistant.domain import MIN_IMAGES, DomainModel, fit_domain
+from assistant.engine import ImageAnalyzer
 from assistant.factory import save_assistant
 from assistant.heatmap import crop_targets
 from assistant.modeling import AssistantForConditionalGeneration
@@ -25,6 +28,7 @@ from assistant.vision import ImageAnalysis
 from data.folder import load_folder
 from data.synth_dataset import ensure_synthetic_dataset
 
+from .cards import stage_card
 from .collate import ExpertCollator
 from .config import ConfigError, ExpertData, ExpertObjectiveConfig, ExpertTrainConfig
 from .datasets import ExpertDataset
@@ -118,12 +122,34 @@ def make_loss(config: ExpertTrainConfig, weights: tuple[float, float]):
     return compute
 
 
-def save_final(model: AssistantForConditionalGeneration, processor: AssistantProcessor):
-    """The whole assistant with the trained expert, loadable by `from_pretrained` (stage 2 starts from it)."""
+DOMAIN_IMAGES = 1000  # training images the domain statistics are fitted on (a seeded sample of larger sets)
+
+
+def training_domain(
+    model: AssistantForConditionalGeneration, processor: AssistantProcessor, config: ExpertTrainConfig, source: str
+) -> DomainModel | None:
+    """The domain statistics of the training folders' images as the trained tower sees them (on its device), or
+    None where they cannot be fitted: synthetic data only, too few images, or ROI maps from an external expert."""
+    images = [item.image for f in config.data.folders for item in load_folder(f.root, f.layout, f.split, f.categories)]
+    if len(images) < MIN_IMAGES or model.config.roi.map_source == "external":
+        return None
+    sample = random.Random(config.run.seed).sample(images, min(len(images), DOMAIN_IMAGES))
+    return fit_domain(ImageAnalyzer(model, processor), sample, source=source)
+
+
+def save_final(model: AssistantForConditionalGeneration, processor: AssistantProcessor, config: ExpertTrainConfig):
+    """The whole assistant with the trained expert, loadable by `from_pretrained` (stage 2 starts from it), with
+    its model card and the domain statistics of its training images (`assistant.domain`); the starting model's
+    domain is not carried over, since this stage changed what the tower sees."""
 
     def save(objective: nn.Module, state: dict, output_dir: Path) -> None:
         # The expert is small and trains under DDP, so its weights are whole in `model` on every process.
-        save_assistant(model.to("cpu"), processor, output_dir / FINAL_DIR)
+        folders = ", ".join(f"{f.root} [{f.split}]" for f in config.data.folders) or "synthetic images"
+        card = stage_card(config.model, "stage 1 (expert)", folders, f"{config.run.max_steps} steps")
+        domain = training_domain(model, processor, config, folders)
+        final = save_assistant(model.to("cpu"), processor, output_dir / FINAL_DIR, card=card)
+        if domain is not None:
+            domain.save(final)
 
     return save
 
@@ -144,6 +170,6 @@ def train_expert(config: ExpertTrainConfig, resume: Path | None = None) -> Train
         dataset=dataset,
         collate=ExpertCollator(processor),
         compute_loss=make_loss(config, weights),
-        save_final=save_final(model, processor),
+        save_final=save_final(model, processor, config),
     )
     return run_training(task, config, accelerator, resume)

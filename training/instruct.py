@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from assistant.checkpoint import write_companions
 from assistant.processing import AssistantProcessor
 from data.conversations import conversation_records
 from data.folder import load_folder
@@ -24,6 +25,7 @@ from data.instruct import InstructSample, check_images, load_instruct_json
 from data.mixture import load_mixture
 from data.synth_dataset import ensure_synthetic_dataset
 
+from .cards import stage_card
 from .collate import InstructCollator
 from .config import ConfigError, InstructData, InstructTrainConfig, save_config
 from .datasets import InstructDataset
@@ -97,6 +99,10 @@ def save_outputs(config: InstructTrainConfig, processor: AssistantProcessor):
     def save(model: nn.Module, state: dict, output_dir: Path) -> None:
         adapter = save_adapter(model, processor, output_dir / ADAPTER_DIR, state)
         save_config(config, adapter)  # `train merge` finds the base model here
+        data = config.data.json_path or "a data mixture"
+        steps = f"{config.run.max_steps} steps" if config.run.max_steps else f"{config.run.epochs} epoch(s)"
+        card = stage_card(config.model, "stage 2 (LoRA instruction tuning)", data, steps)
+        write_companions(adapter, config.model.path, card)
         if config.objective.merge:
             export_merged(config.model, adapter, output_dir / MERGED_DIR)
 

@@ -93,13 +93,14 @@ def load_adapter(base: AssistantForConditionalGeneration, folder: Path) -> PeftM
     return PeftModel.from_pretrained(base, str(folder))
 
 
-def merge_and_save(model: PeftModel, processor: AssistantProcessor, folder: Path) -> Path:
-    """Fold LoRA into the LLM weights and save a plain checkpoint (`from_pretrained`, vLLM)."""
+def merge_and_save(model: PeftModel, processor: AssistantProcessor, folder: Path, source: Path | None = None) -> Path:
+    """Fold LoRA into the LLM weights and save a plain checkpoint (`from_pretrained`, vLLM), with the
+    companions (model card, domain statistics) of `source` (the adapter folder)."""
     merged = model.merge_and_unload()
-    return save_assistant(merged, processor, folder)
+    return save_assistant(merged, processor, folder, source)
 
 
 def export_merged(source: ModelSource, adapter: Path, folder: Path) -> Path:
     """Merge from the saved adapter onto an unquantised base, so QLoRA runs also give full-precision weights."""
     base, processor = load_assistant(source)
-    return merge_and_save(load_adapter(base, adapter), processor, folder)
+    return merge_and_save(load_adapter(base, adapter), processor, folder, adapter)

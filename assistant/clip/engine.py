@@ -40,7 +40,7 @@ class ClipEngine:
     def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
         image = load_image(image, "image")
         score, heatmap = self.expert.score(image, load_references(references))
-        return Verdict.of_expert(score, self.threshold, heatmap, self.boxes(heatmap), image.size)
+        return Verdict.decided(score, self.threshold, heatmap, self.boxes(heatmap), image.size, expert_score=score)
 
     def boxes(self, heatmap: np.ndarray) -> list[Box]:
         """Triad boxes on the map, at least one CLIP patch wide (the map cannot localise finer)."""

@@ -113,8 +113,10 @@ def usage_banner(args: argparse.Namespace, model: str, vllm: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from ..checkpoint import is_composed
+    from ..card import ModelCard
+    from ..checkpoint import checkpoint_config, is_composed
     from ..defaults import resolve_model
+    from ..domain import DomainModel
 
     model = str(resolve_model(args.model).resolve())
     if is_composed(model):
@@ -122,6 +124,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"{model} keeps its base LLM in a package (the composed demo form), which vLLM cannot load: "
             f"write a full checkpoint with `anomaly-assistant export DIR --model {model}` and serve DIR"
         )
+    # What the server reads besides the weights, checked here: a damaged file is one line now, not a failed start
+    # or a 400 on every /v1/inspect.
+    ModelCard.load(model)
+    DomainModel.load(model, checkpoint_config(model).vision_config.hidden_size)
     python = args.python or os.environ.get(PYTHON_ENV) or sys.executable
     vllm, cpu = probe(python)
     print(usage_banner(args, model, vllm), flush=True)

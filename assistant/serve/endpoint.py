@@ -1,4 +1,5 @@
-"""`vllm.endpoint_plugins` entry point: POST /v1/inspect, the full Verdict beside chat completions.
+"""`vllm.endpoint_plugins` entry point: POST /v1/inspect, the full Verdict beside chat completions, and
+GET /v1/model-card, what the served model is (`card.ModelCard`; 404 when its checkpoint has none).
 
 vLLM's API server loads it only when its name is in VLLM_PLUGINS (`anomaly-assistant serve` sets that).
 The route sits inside vLLM's middleware, so the server's key guards it like every route (`auth.py`), its
@@ -11,6 +12,7 @@ errors (a bad image -> 400 with the reason, one over the size limit -> 413, an u
 import asyncio
 import os
 from argparse import Namespace
+from pathlib import Path
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
@@ -21,6 +23,7 @@ from vllm.engine.protocol import EngineClient
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 
+from ..card import ModelCard
 from ..config import AssistantConfig
 from ..prompts import INSPECTION_QUESTION
 from ..verdict import Verdict
@@ -61,6 +64,7 @@ class Inspector:
         self.dtype = dtype
         self.policy = policy
         self.max_images = max_images  # the chat route's --limit-mm-per-prompt, checked before anything is read
+        self.card = ModelCard.load(model_path) if Path(model_path).is_dir() else None
         self._engine: ServerEngine | None = None
         self._loading = asyncio.Lock()
 
@@ -106,6 +110,13 @@ class InspectPlugin:
         async def inspect_image(body: InspectRequest, raw_request: Request) -> Response:
             verdict = await raw_request.app.state.anomaly_inspector.verdict(body)
             return Response(verdict.model_dump_json(), media_type="application/json")
+
+        @router.get("/v1/model-card")
+        async def model_card(raw_request: Request) -> Response:
+            card = raw_request.app.state.anomaly_inspector.card
+            if card is None:
+                raise VLLMNotFoundError("the served checkpoint has no model card (model_card.json)")
+            return Response(card.model_dump_json(), media_type="application/json")
 
         app.include_router(router)
 

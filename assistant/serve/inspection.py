@@ -11,19 +11,21 @@ import asyncio
 from collections.abc import Sequence
 from http import HTTPStatus
 
+import torch
 from PIL import Image
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import GracefulHTTPError
 
-from ..client import to_messages
-from ..engine import Conversation, ImageAnalyzer, inspect
+from ..client import continuation_options, to_messages
+from ..engine import Conversation, ImageAnalyzer, choice_token_ids, inspect, yes_probability
 from ..verdict import Verdict
 
 
 class ServerEngine:
-    """`analyze` on the image side, `complete` through chat completions on the server's event loop."""
+    """`analyze` on the image side (P(Yes) from the server's LLM), `complete` and `choice_probabilities` through
+    chat completions on the server's event loop."""
 
     def __init__(self, analyst: ImageAnalyzer, chat: OpenAIServingChat, model: str, loop: asyncio.AbstractEventLoop):
         self.analyst = analyst
@@ -32,31 +34,58 @@ class ServerEngine:
         self.loop = loop
 
     def analyze(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> Verdict:
-        return self.analyst.analyze(image, references)
+        return self.analyst.decide(image, references, yes_probability(self, image, references))
 
-    def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
+    def _run(self, coroutines: list) -> list:
         """Blocking: call it from a worker thread, never from the event loop it waits on."""
-        futures = [asyncio.run_coroutine_threadsafe(self._answer(c, max_new_tokens), self.loop) for c in conversations]
+        futures = [asyncio.run_coroutine_threadsafe(coroutine, self.loop) for coroutine in coroutines]
         return [future.result() for future in futures]
 
-    async def _answer(self, conversation: Conversation, max_new_tokens: int) -> str:
+    def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
+        return self._run([self._answer(c, max_new_tokens) for c in conversations])
+
+    def choice_probabilities(
+        self, conversations: Sequence[Conversation], choices: Sequence[str]
+    ) -> list[dict[str, float]]:
+        return self._run([self._choices(c, choices) for c in conversations])
+
+    async def _chat(self, conversation: Conversation, **options):
         request = ChatCompletionRequest(
             model=self.model,
             messages=to_messages(conversation),  # exactly what a chat client sends
-            max_tokens=max_new_tokens,
             temperature=0.0,
-            return_token_ids=True,
+            **continuation_options(conversation),
+            **options,
         )
         response = await self.chat.create_chat_completion(request)
         if isinstance(response, ErrorResponse):
             raise GracefulHTTPError(response.error.message, HTTPStatus(response.error.code))
+        return response.choices[0]
+
+    async def _answer(self, conversation: Conversation, max_new_tokens: int) -> str:
+        choice = await self._chat(conversation, max_tokens=max_new_tokens, return_token_ids=True)
         # Decoded like LocalEngine does: vLLM's incremental detokenizer drops a trailing incomplete character.
-        return self.analyst.processor.tokenizer.decode(response.choices[0].token_ids, skip_special_tokens=True)
+        text = self.analyst.processor.tokenizer.decode(choice.token_ids, skip_special_tokens=True)
+        return conversation.answer_prefix + text
+
+    async def _choices(self, conversation: Conversation, choices: Sequence[str]) -> dict[str, float]:
+        """Exact: vLLM's logprobs of the choices' first tokens (`logprob_token_ids`), as `LocalEngine` computes
+        them, not the top 20 a plain OpenAI client gets."""
+        ids = choice_token_ids(self.analyst.processor.tokenizer, choices)
+        choice = await self._chat(
+            conversation, max_tokens=1, logprobs=True, logprob_token_ids=ids, return_tokens_as_token_ids=True
+        )
+        logprobs = {c.token: c.logprob for c in choice.logprobs.content[0].top_logprobs} if choice.logprobs else {}
+        missing = [choice for choice, i in zip(choices, ids) if f"token_id:{i}" not in logprobs]
+        if missing:
+            raise GracefulHTTPError(f"vLLM returned no logprob for {missing}", HTTPStatus.INTERNAL_SERVER_ERROR)
+        values = torch.tensor([logprobs[f"token_id:{i}"] for i in ids], dtype=torch.float64).softmax(0)
+        return dict(zip(choices, values.tolist()))
 
     def verdict(
         self, image: Image.Image, references: Sequence[Image.Image], question: str, max_new_tokens: int
     ) -> Verdict:
-        """`engine.inspect`; with max_new_tokens == 0 the analysis alone (no reasoning, no defect name)."""
+        """`engine.inspect`; with max_new_tokens == 0 the decided verdict alone (no reasoning, no defect name)."""
         if max_new_tokens > 0:
             return inspect(self, image, references, question, max_new_tokens)
         return self.analyze(image, references)

@@ -7,13 +7,15 @@ part of the UI works; `notice` then says plainly that its verdicts and answers m
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..card import ModelCard, unknown_card, untrained_card
 from ..config import Settings
 from ..defaults import MODEL_ENV, default_model_path, resolve_model
 from ..engine import Engine, LocalEngine
 from ..errors import UsageError
 from ..factory import tiny_assistant
+from .examples import Example, model_examples
 
 NO_WEIGHTS_NOTICE = (
     "**No trained weights found: this app is running a tiny random model.** Its verdicts, heatmaps, boxes and "
@@ -27,6 +29,8 @@ class Backend:
     engine: Engine
     description: str  # shown under the title, so users know what answers them
     notice: str | None = None  # a warning the UI must show prominently
+    card: ModelCard | None = None  # what the model is; shown in the header
+    examples: list[Example] = field(default_factory=list)  # the model's own examples (else drawn ones)
 
 
 def load_backend(
@@ -46,16 +50,23 @@ def load_backend(
     if endpoint:
         if not served_model:
             raise UsageError("--endpoint needs --served-model NAME, the model name the server serves")
-        from ..client import EndpointEngine  # needs the openai client: imported only when asked for
+        from ..client import EndpointEngine, EndpointError  # needs the openai client: imported only when asked for
 
         engine = EndpointEngine(endpoint, served_model, api_key=api_key)
-        return Backend(engine, f"served model `{served_model}` at {endpoint}")
+        try:
+            card = engine.model_card()
+        except EndpointError:  # down for now: the app starts, and each question reports the endpoint's state
+            card = unknown_card(f"{served_model} (model card unavailable: the endpoint was unreachable at start)")
+        return Backend(engine, f"served model `{served_model}` at {endpoint}", card=card)
     if model is None and not os.environ.get(MODEL_ENV) and default_model_path() is None:
         model, processor = tiny_assistant()
         if settings:
             model.config.apply_settings(settings)
         engine = LocalEngine(model, processor)
-        return Backend(engine, "in-process tiny random model (no trained weights)", NO_WEIGHTS_NOTICE)
+        card = untrained_card("tiny random assistant", "A tiny random model: no trained weights were found.")
+        return Backend(engine, "in-process tiny random model (no trained weights)", NO_WEIGHTS_NOTICE, card)
     path = resolve_model(model)
     engine = LocalEngine.from_pretrained(path, device=device, settings=settings)
-    return Backend(engine, f"in-process model `{path}` on {engine.device}")
+    card = ModelCard.load(path)
+    description = f"in-process model `{path}` on {engine.device}"
+    return Backend(engine, description, card=card, examples=model_examples(path, card))

@@ -12,20 +12,23 @@ from pathlib import Path
 import gradio as gr
 from gradio_client.utils import is_http_url_like
 
+from ..card import ModelCard
 from ..engine import Engine
-from .examples import EXAMPLES_DIR, write_examples
+from .examples import EXAMPLES_DIR, Example, write_examples
 from .handlers import ChatHandlers, clear_chat, reset, unlock_question
 
 TITLE = "Anomaly inspection assistant"
 INTRO = (
-    "Upload a photo of a part (optionally a known-good reference of the same part) and ask about it. "
-    "The verdict, heatmap and suspicious regions appear on the right; follow-up questions keep the conversation."
+    "Upload an image of the kind this model knows (its card below says which), optionally a known-good reference "
+    "of the same object, and ask about it. The verdict, heatmap and suspicious regions appear on the right; "
+    "follow-up questions keep the conversation."
 )
+NO_CARD = "**No model card:** nothing is known about what this model was trained on; treat its verdicts with care."
 MAX_UPLOAD = "20mb"  # bytes per file; image_io.MAX_PIXELS caps the decoded size
 URL_REFUSED = "The app takes uploaded image files only, not URLs: download the image and upload it."
 SESSION_TTL_S = 3600  # a session idle this long is dropped (its next question starts a new conversation)
 CSS = """
-#notice {background: #fff4e5; border: 2px solid #e8a33d; border-radius: 8px; padding: 4px 14px}
+#notice, #domain {background: #fff4e5; border: 2px solid #e8a33d; border-radius: 8px; padding: 4px 14px}
 #backend {opacity: 0.75}
 #heatmap img {width: 100%; height: 100%; object-fit: contain}
 """
@@ -52,14 +55,24 @@ def _upload(label: str, elem_id: str) -> gr.Image:
 
 
 def build_demo(
-    engine: Engine, notice: str | None = None, backend: str = "", max_new_tokens: int = 256
+    engine: Engine,
+    notice: str | None = None,
+    backend: str = "",
+    max_new_tokens: int = 256,
+    card: ModelCard | None = None,
+    examples: list[Example] | None = None,
 ) -> gr.Blocks:
-    """The chat app around `engine`; `notice` is shown as a banner (e.g. that no trained weights were found)."""
+    """The chat app around `engine`; `notice` is shown as a banner (e.g. that no trained weights were found),
+    `card` in the header; `examples` are the model's own (default: parts drawn in code)."""
     handlers = ChatHandlers(engine, max_new_tokens)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         if notice:
             gr.Markdown(f"⚠️ {notice}", elem_id="notice")
+        gr.Markdown(f"**Model:** {card.headline()}" if card else NO_CARD, elem_id="model-card")
+        if card:
+            with gr.Accordion("Model card", open=False):
+                gr.Markdown(card.markdown())
         if backend:
             gr.Markdown(f"Backend: {backend}", elem_id="backend")
         session = gr.State(None, time_to_live=SESSION_TTL_S)
@@ -80,7 +93,8 @@ def build_demo(
                 )
                 reset_button = gr.Button("Clear all", variant="secondary", elem_id="reset")
             with gr.Column(scale=2):
-                label = gr.Label(label="Verdict (calibrated anomaly score)", num_top_classes=2, elem_id="verdict")
+                label = gr.Label(label="Verdict (anomaly score)", num_top_classes=2, elem_id="verdict")
+                domain = gr.Markdown("", elem_id="domain")
                 heatmap = gr.Image(
                     label="Anomaly heatmap (blue = normal, red = suspicious)",
                     interactive=False,
@@ -98,16 +112,16 @@ def build_demo(
                     elem_id="rois",
                 )
         gr.Examples(
-            [[str(e.image), e.reference and str(e.reference), e.question] for e in write_examples()],
+            [[str(e.image), e.reference and str(e.reference), e.question] for e in examples or write_examples()],
             inputs=[image, reference, question],
             label="Examples: click one, then press Ask",
         )
 
-        chat_view = [chatbot, label, heatmap, rois, session]
+        chat_view = [chatbot, label, domain, heatmap, rois, session]
         question.submit(
             handlers.chat,
             [question, image, reference, opacity, session],
-            [chatbot, question, label, heatmap, rois, session],
+            [chatbot, question, label, domain, heatmap, rois, session],
             api_name="chat",
             preprocess=False,
             concurrency_id="model",
@@ -130,8 +144,16 @@ def build_demo(
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> str:
-    """Serve `demo` with the app's limits and privacy settings; returns the local URL (when not blocking)."""
+def launch(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    block: bool = True,
+    examples: list[Example] | None = None,
+) -> str:
+    """Serve `demo` with the app's limits and privacy settings; returns the local URL (when not blocking).
+
+    Files are served only from the drawn examples' folder and the model's example files (`examples`)."""
     demo.queue(max_size=64)
     _, url, _ = demo.launch(
         server_name=host,
@@ -139,7 +161,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, bl
         prevent_thread_lock=not block,
         quiet=not block,
         max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(EXAMPLES_DIR)],
+        allowed_paths=[str(EXAMPLES_DIR), *(str(p) for e in examples or [] for p in (e.image, e.reference) if p)],
         show_error=True,
         ssr_mode=False,
         run_history=False,  # inspection photos may be confidential: keep no run log in the browser

@@ -1,7 +1,9 @@
-"""Example images for the app, drawn in code: the repository ships no binaries and the app works offline.
+"""Example images for the app: the model's own, else drawn in code.
 
-A brushed-metal plate stands in for an inspected part; the defective versions carry a scratch or a stain,
-and a second, defect-free plate (different grain) serves as the normal reference.
+A checkpoint's model card may name example images inside its folder (`card.Example`): the demo ships held-out
+textiles its training never read (normal, local and global defect, with a normal reference), so the examples
+suit the model that answers them. A checkpoint without them gets generic parts drawn in code: a brushed-metal
+plate with a scratch or a stain, and a second, defect-free plate (different grain) as the normal reference.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..card import CardError, ModelCard
 from ..files import atomic_path
 
 EXAMPLES_DIR = Path(tempfile.gettempdir()) / f"anomaly-assistant-examples-{getpass.getuser()}"  # per user: no clashes
@@ -25,6 +28,25 @@ class Example:
     image: Path
     reference: Path | None
     question: str
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """A file the card names, which must lie inside the checkpoint folder: the app serves it to anyone."""
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise CardError(f"{folder}: the model card names example {name!r}, which the folder lacks")
+    return path
+
+
+def model_examples(folder: Path, card: ModelCard | None) -> list[Example]:
+    """The examples a checkpoint's card names (files inside its folder); none if it names none."""
+    if card is None:
+        return []
+    return [
+        Example(_inside(folder, e.image), _inside(folder, e.reference) if e.reference else None, "")
+        for e in card.examples
+    ]
 
 
 def metal_plate(seed: int, size: tuple[int, int] = SIZE) -> Image.Image:

@@ -26,11 +26,11 @@ from typing import TypeVar
 import gradio as gr
 from PIL import Image
 
-from ..engine import Conversation, Engine
+from ..engine import Conversation, Engine, agreeing_stream
 from ..errors import AssistantError, one_line
 from ..image_io import ImageError, load_image, load_references
 from ..prompts import INSPECTION_QUESTION
-from .views import Preview, chat_history, make_preview, overlay, regions, verdict_label
+from .views import Preview, chat_history, domain_notice, make_preview, overlay, regions, verdict_label
 
 T = TypeVar("T")
 NO_IMAGE = "Upload an image to inspect first (the “Image to inspect” box)."
@@ -51,7 +51,7 @@ def _upload_path(upload: dict | None) -> str | None:
 
 
 def _panel(session: Session, opacity: float, folder: Path) -> tuple:
-    """Verdict label, heatmap overlay and ROI boxes, the images as PNG files in `folder`.
+    """Verdict label, domain notice, heatmap overlay and ROI boxes, the images as PNG files in `folder`.
 
     Files, not PIL images: a turn sends its panel twice (when the answer starts and with the final outputs),
     and Gradio re-encodes a PIL output into its cache in place each time, so a browser still fetching the
@@ -61,7 +61,8 @@ def _panel(session: Session, opacity: float, folder: Path) -> tuple:
     overlay(session.preview, opacity).save(heatmap, format="PNG")
     base, annotations = regions(session.preview)
     base.save(rois, format="PNG")
-    return verdict_label(session.preview.verdict), str(heatmap), (str(rois), annotations)
+    verdict = session.preview.verdict
+    return verdict_label(verdict), domain_notice(verdict), str(heatmap), (str(rois), annotations)
 
 
 def _conversation(uploads: tuple[str, str | None], messages: list[dict[str, str]]) -> Conversation:
@@ -78,8 +79,8 @@ def unlock_question() -> gr.Textbox:
 
 
 def clear_chat() -> tuple:
-    """Outputs chat, label, overlay, boxes, session: all empty, the uploads and the typed question kept."""
-    return [], None, None, None, None
+    """Outputs chat, label, domain notice, overlay, boxes, session: all empty, the uploads and question kept."""
+    return [], None, "", None, None, None
 
 
 def reset() -> tuple:
@@ -133,7 +134,7 @@ class ChatHandlers:
         self.max_new_tokens = max_new_tokens
 
     def _start(self, conversation: Conversation, uploads: tuple[str, str | None]) -> Session:
-        """A new session: the expert's analysis, kept only as the panel shows it."""
+        """A new session: the decided verdict, kept only as the panel shows it."""
         verdict = self.engine.analyze(conversation.image, conversation.references)
         return Session(uploads, (), make_preview(conversation.image, verdict))
 
@@ -147,12 +148,13 @@ class ChatHandlers:
         session: Session | None,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
-        """Answer one question, streamed; outputs: chat, question box, label, overlay, boxes, session.
+        """Answer one question, streamed; outputs: chat, question box, label, domain notice, overlay, boxes, session.
 
         The question box is emptied and locked while the answer streams (`unlock_question` follows every
         turn): a second question sent meanwhile would start from the session as it was before this turn.
         A question about the uploads of the current session continues it (the engine reuses the encoded
-        image); new uploads start a new conversation with a fresh analysis. The session is only replaced
+        image); new uploads start a new conversation with a fresh verdict. Answers agree with the verdict
+        (`engine.agreeing_stream`): a follow-up may discuss it, not flip it. The session is only replaced
         by the last yield, so a failed turn leaves it as it was. That last yield repeats every output:
         API clients receive only the final tuple, and `gr.skip()` placeholders would reach them as-is.
         """
@@ -173,9 +175,10 @@ class ChatHandlers:
             panel = _panel(turn, opacity, folder)
             yield chat_history(conversation, uploads[0], pending=""), locked, *panel, skip
             answer = ""
-            for chunk in self.engine.stream(conversation, self.max_new_tokens):
+            anomalous = turn.preview.verdict.anomalous
+            for chunk in agreeing_stream(self.engine, conversation, anomalous, self.max_new_tokens):
                 answer += chunk
-                yield chat_history(conversation, uploads[0], pending=answer), skip, skip, skip, skip, skip
+                yield chat_history(conversation, uploads[0], pending=answer), skip, skip, skip, skip, skip, skip
             conversation.answer(answer.strip())
             finished = replace(turn, messages=tuple(conversation.messages))
             yield chat_history(conversation, uploads[0]), locked, *panel, finished

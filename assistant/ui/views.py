@@ -56,6 +56,18 @@ def verdict_label(verdict: Verdict) -> Label:
     return f"{decision} (anomaly score {verdict.score:.2f})"
 
 
+def domain_notice(verdict: Verdict) -> str:
+    """What the verdict is worth for this image: a visible warning when it is unlike the model's training images."""
+    if verdict.in_domain is None:
+        return "**Domain unknown:** this model carries no description of the images it was trained on."
+    if not verdict.in_domain:
+        return (
+            f"⚠️ **Out of domain** (domain score {verdict.domain_score:.2f}): this image does not look like the images "
+            "the model was trained on, so its verdict is unreliable. See the model card above."
+        )
+    return f"In domain (domain score {verdict.domain_score:.2f}): the image looks like the model's training images."
+
+
 def overlay(preview: Preview, opacity: float) -> Image.Image:
     return blend_heatmap(preview.image, preview.verdict.heatmap, opacity, preview.verdict.boxes)
 
