@@ -157,6 +157,10 @@ def inspect(
     return verdict.model_copy(update={"reasoning": reasoning, "defect": defect})
 
 
+def _asks_for_decision(conversation: Conversation) -> bool:
+    return conversation.messages[-1]["content"].strip() in DECISION_QUESTIONS
+
+
 def _opening(conversation: Conversation, anomalous: bool) -> tuple[Conversation | None, bool | None]:
     """(the conversation continuing the decided Yes/No, what its last question's "Yes" means), or (None, None)
     for a question whose answer cannot contradict the decision by its first word."""
@@ -182,8 +186,7 @@ def agreeing_answers(
     Any other question is answered freely.
     """
     openings = [_opening(c, d) for c, d in zip(conversations, decisions, strict=True)]
-    forced = [c.messages[-1]["content"].strip() in DECISION_QUESTIONS for c in conversations]
-    prompts = [o if f else c for c, (o, _), f in zip(conversations, openings, forced)]
+    prompts = [o if _asks_for_decision(c) else c for c, (o, _) in zip(conversations, openings)]
     answers = engine.complete(prompts, max_new_tokens)
     flipped = [i for i, a in enumerate(answers) if _contradicts(a, decisions[i], openings[i][1])]
     if flipped:
@@ -202,7 +205,7 @@ def agreeing_stream(
 ) -> Iterator[str]:
     """`agreeing_answer`, streamed: the text is held back until its first word is known."""
     opening, polarity = _opening(conversation, anomalous)
-    if conversation.messages[-1]["content"].strip() in DECISION_QUESTIONS:
+    if _asks_for_decision(conversation):
         yield from engine.stream(opening, max_new_tokens)
         return
     held, chunks = "", engine.stream(conversation, max_new_tokens)
@@ -312,7 +315,7 @@ class ImageAnalyzer:
         is the cached one a question about the image and its references uses anyway."""
         if self.domain is None:
             return None
-        return self.domain.check(self.encode([*references, image]).analysis.pooled_features[0].cpu().numpy())[1]
+        return self.encode([*references, image]).analysis.domain_check(0, self.domain)[1]
 
     def decide(
         self, image: Image.Image, references: Sequence[Image.Image], yes_probability: float | None

@@ -61,6 +61,12 @@ class ImageAnalysis:
         """The expert's raw sigmoid scores (they choose the suspicion adverb)."""
         return self.expert.scores
 
+    def domain_check(self, index: int, domain: DomainModel | None) -> tuple[float | None, bool | None]:
+        """(domain score, in domain) of query `index`; (None, None) without domain statistics (domain unknown)."""
+        if domain is None:
+            return None, None
+        return domain.check(self.pooled_features[index].cpu().numpy())
+
     def verdict(
         self,
         index: int,
@@ -71,9 +77,7 @@ class ImageAnalysis:
     ) -> Verdict:
         """Query `index`'s verdict on its image of (width, height): the decision fused from the expert's logit
         and the language model's P(Yes), both sources, the domain check, the map and the boxes."""
-        in_domain = domain_score = None
-        if domain is not None:
-            domain_score, in_domain = domain.check(self.pooled_features[index].cpu().numpy())
+        domain_score, in_domain = self.domain_check(index, domain)
         return Verdict.decided(
             decision.score(float(self.logits[index]), yes_probability),
             decision.threshold,

@@ -9,7 +9,6 @@ reproduce each of them, so `anomaly-assistant info` and the app say what the mod
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from assistant.image_io import load_image
 from data.folder import LabelledImage, load_folder
 from data.textile import CATEGORY
 
-from .expert import DOMAIN_IMAGES
+from .expert import domain_sample
 
 EXAMPLES_DIR = "examples"
 
@@ -52,7 +51,7 @@ def fit_demo_domain(model: Path, data_root: Path, seed: int) -> None:
     """Domain statistics from the train split's images, the threshold from the validation split."""
     engine = LocalEngine.from_pretrained(model, device="cpu")
     train = [item.image for item in load_folder(data_root, "mvtec", "train", [CATEGORY])]
-    fit = random.Random(seed).sample(train, min(len(train), DOMAIN_IMAGES))
+    fit = domain_sample(train, seed)
     validation = [item.image for item in load_folder(data_root, "mvtec", "val", [CATEGORY])]
     domain = fit_domain(engine, fit, validation, source=f"textile train split ({len(fit)} images), threshold on val")
     domain.save(model)

@@ -125,6 +125,11 @@ def make_loss(config: ExpertTrainConfig, weights: tuple[float, float]):
 DOMAIN_IMAGES = 1000  # training images the domain statistics are fitted on (a seeded sample of larger sets)
 
 
+def domain_sample(images: list, seed: int) -> list:
+    """The training images the domain statistics are fitted on: all, or a seeded sample of `DOMAIN_IMAGES`."""
+    return random.Random(seed).sample(images, min(len(images), DOMAIN_IMAGES))
+
+
 def training_domain(
     model: AssistantForConditionalGeneration, processor: AssistantProcessor, config: ExpertTrainConfig, source: str
 ) -> DomainModel | None:
@@ -133,8 +138,7 @@ def training_domain(
     images = [item.image for f in config.data.folders for item in load_folder(f.root, f.layout, f.split, f.categories)]
     if len(images) < MIN_IMAGES or model.config.roi.map_source == "external":
         return None
-    sample = random.Random(config.run.seed).sample(images, min(len(images), DOMAIN_IMAGES))
-    return fit_domain(ImageAnalyzer(model, processor), sample, source=source)
+    return fit_domain(ImageAnalyzer(model, processor), domain_sample(images, config.run.seed), source=source)
 
 
 def save_final(model: AssistantForConditionalGeneration, processor: AssistantProcessor, config: ExpertTrainConfig):
