@@ -63,13 +63,19 @@ def test_chatml_prompts_are_byte_identical_to_before(tiny):
     )
 
 
-def test_the_shipped_demo_renders_as_before():
-    """The demo saved the old template; loading it puts the image-part prelude in front, which changes nothing."""
+def test_the_shipped_demo_renders_with_its_llms_own_template():
+    """The demo was trained (and saved) with SmolLM2's own chat template behind the image-part prelude: the file
+    holds exactly that, and loading it renders what training rendered."""
+    from training.demo import SMOLLM2
+
     path = default_model_path()
     assert path is not None, "the demo model is not bundled"
-    assert (path / "chat_template.jinja").read_text() == OLD_CHATML_TEMPLATE
+    own = SMOLLM2.tokenizer().chat_template
+    assert own and own != DEFAULT_CHAT_TEMPLATE
+    assert (path / "chat_template.jinja").read_text() == IMAGE_PARTS_AS_TEXT + own
     processor = AssistantProcessor.from_pretrained(path)
-    assert render(processor, two_turns()) == render(processor, two_turns(), chat_template=OLD_CHATML_TEMPLATE)
+    assert render(processor, two_turns()) == render(processor, two_turns(), chat_template=IMAGE_PARTS_AS_TEXT + own)
+    assert "You are a helpful AI assistant named SmolLM" in render(processor, two_turns())
 
 
 def test_only_a_tokenizer_without_a_template_gets_chatml():
