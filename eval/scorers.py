@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -20,6 +21,16 @@ from assistant.errors import UsageError
 from .backends import model_label, open_engine
 
 SCORERS = ("expert", "decision", "clip")
+MODEL_SCORERS = ("expert", "decision")  # rows of our model (through any engine)
+
+
+class Scored(NamedTuple):
+    """One scored image: the score, its HxW map, and whether the image is in the model's domain (None: unknown,
+    or the scorer is not our model)."""
+
+    score: float
+    map: np.ndarray
+    in_domain: bool | None = None
 
 
 class VerdictScorer:
@@ -29,9 +40,19 @@ class VerdictScorer:
         self.engine = engine
         self.field = field
 
-    def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]:
+    def scored(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> Scored:
         verdict = self.engine.analyze(image, references)
-        return getattr(verdict, self.field), verdict.heatmap
+        return Scored(getattr(verdict, self.field), verdict.heatmap, verdict.in_domain)
+
+    def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]:
+        return self.scored(image, references)[:2]
+
+
+def score_image(scorer: Scorer, image: Image.Image, references: Sequence[Image.Image] = ()) -> Scored:
+    """Any scorer's reading of one image, with the domain check where the scorer is our model."""
+    if isinstance(scorer, VerdictScorer):
+        return scorer.scored(image, references)
+    return Scored(*scorer.score(image, references))
 
 
 def scorer_names(text: str) -> list[str]:
@@ -54,7 +75,7 @@ def scorer_spec(name: str, args: argparse.Namespace) -> str:
 
 
 def build_scorer(name: str, args: argparse.Namespace) -> Scorer:
-    if name in ("expert", "decision"):
+    if name in MODEL_SCORERS:
         return VerdictScorer(open_engine(args), "expert_score" if name == "expert" else "score")
     from assistant.clip.expert import ClipAnomalyExpert
 

@@ -30,9 +30,9 @@ from .backends import batch_size
 from .datasets import Category, load_categories, load_mask, sample_id
 from .published import BENCHMARK_CATEGORIES, ZERO_SHOT_IMAGE_AUROC
 from .records import AnswerLog, Record, check_settings
-from .report import CHART_FILE, bar_chart, fmt, markdown_table, write_report
+from .report import CHART_FILE, bar_chart, domain_line, fmt, markdown_table, write_report
 from .runner import run_pending
-from .scorers import Scorer, build_scorer, check_scorer_arguments, scorer_names, scorer_spec
+from .scorers import MODEL_SCORERS, Scorer, build_scorer, check_scorer_arguments, score_image, scorer_names, scorer_spec
 
 METRICS = ("I-AUROC", "I-F1max", "P-AUROC", "P-F1max", "AUPRO")
 IMAGE_METRICS = METRICS[:2]
@@ -45,6 +45,7 @@ class ZeroShotAnswer(Record):
     label: int
     score: float
     pixels: str  # .npz with the resampled map and mask, relative to the output folder ("" with --image-only)
+    in_domain: bool | None = None  # `Verdict.in_domain` for our model's scorers; None: unknown or another scorer
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def _score_batch(
             references = [load_image(path) for path in item.references]
             if hasattr(scorer(), "object_name"):  # prompt-based scorers (WinCLIP) name the object in their prompts
                 scorer().object_name = item.sample.category
-            score, anomaly_map = scorer().score(image, references)
+            score, anomaly_map, in_domain = score_image(scorer(), image, references)
             anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
             if anomaly_map.shape != (image.height, image.width) or not np.isfinite(anomaly_map).all():
                 raise UsageError(
@@ -103,6 +104,7 @@ def _score_batch(
                     label=int(item.sample.anomalous),
                     score=float(score),
                     pixels=pixels,
+                    in_domain=in_domain,
                 )
             )
         return records
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> Path:
     log = AnswerLog(output / "answers.jsonl", ZeroShotAnswer)
     references = {c.name: _references(c, args.shots, args.seed) for c in categories}
     samples = [sample for category in categories for sample in _spread(category.test, args.limit)]
-    results = {}
+    results, in_domain = {}, {}
     for name in names:
         items = [ScoreItem(f"{name}/{sample_id(s)}", s, references[s.category]) for s in samples]
         scorer = cache(lambda name=name: build_scorer(name, args))  # built only if something is left to score
@@ -188,11 +190,13 @@ def run(args: argparse.Namespace) -> Path:
             f"zero-shot {name}",
         )
         records = log.load()
+        if name in MODEL_SCORERS:  # one model: its expert and decision rows share the domain check
+            in_domain |= {records[i.id].image: records[i.id].in_domain for i in items}
         results[name] = {
             c.name: category_metrics([records[i.id] for i in items if i.sample.category == c.name], output)
             for c in categories
         }
-    return write_zeroshot_report(output, layout, results, settings)
+    return write_zeroshot_report(output, layout, results, settings, list(in_domain.values()) or None)
 
 
 def results_categories(results: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
@@ -200,8 +204,14 @@ def results_categories(results: dict[str, dict[str, dict[str, float | None]]]) -
 
 
 def write_zeroshot_report(
-    output: Path, layout: str, results: dict[str, dict[str, dict[str, float | None]]], settings: dict
+    output: Path,
+    layout: str,
+    results: dict[str, dict[str, dict[str, float | None]]],
+    settings: dict,
+    in_domain: list[bool | None] | None = None,
 ) -> Path:
+    """The report; `in_domain` (one flag per image scored by our model, None without such a scorer) adds the
+    share of images outside the model's domain."""
     metrics = IMAGE_METRICS if settings.get("image_only") else METRICS
     macros = {name: _macro(per_category) for name, per_category in results.items()}
     rows = [[name, *(fmt(_percent(macro[m]), 1) for m in metrics)] for name, macro in macros.items()]
@@ -217,6 +227,8 @@ def write_zeroshot_report(
         "AUPRO integrates the per-region overlap up to "
         "FPR 0.3 and divides by 0.3. F1-max picks its threshold on the test data (optimistic).",
     ]
+    if in_domain is not None:
+        sections.append(domain_line(in_domain))
     undefined = _undefined(results, metrics)
     if undefined:
         sections.append("Undefined (one class only), left out of the means: " + "; ".join(undefined) + ".")

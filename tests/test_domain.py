@@ -245,6 +245,13 @@ def test_every_surface_reports_the_domain(tiny_path, tmp_path, capsys):
     assert verdict["in_domain"] is False and 0.0 <= verdict["domain_score"] < 0.05
     assert main([*argv, "--json", str(known)]) == 0
     assert json.loads(capsys.readouterr().out)["in_domain"] is True
+    for index in range(2):  # an evaluation: two textures and two scenes, scored by two rows of the one model
+        for kind, image in (("good", texture(600 + index)), ("odd", scene(5 + index))):
+            (tmp_path / "bench" / "part" / "test" / kind).mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / "bench" / "part" / "test" / kind / f"{index}.png")
+    evaluation = ["eval", "zeroshot", "--data", str(tmp_path / "bench"), "--image-only", "--model", str(model)]
+    assert main([*evaluation, "--scorers", "expert,decision", "--output", str(tmp_path / "run")]) == 0
+    assert "Out of the model's domain: 2 of 4 images (50.0%)." in (tmp_path / "run" / "report.md").read_text()
     assert main(["info", "--model", str(model)]) == 0
     assert "- domain: 32 images (grey textures), " in capsys.readouterr().out  # 80% fit, 20% set the threshold
     assert main(["export", str(tmp_path / "exported"), "--model", str(model)]) == 0
