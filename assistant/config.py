@@ -102,6 +102,34 @@ class DecisionConfig(_SubConfig):
         return self.fitted_on is not None
 
 
+class ReferenceConfig(_SubConfig):
+    """Few-shot: normal references (images given with the query, or an enrolled profile) drive the verdict.
+
+    The query's patches are compared with the normal patches (`references.PatchBank`: nearest-neighbour cosine
+    distance d at the expert's feature levels), and the evidence enters by one rule (`references.fuse`):
+        image logit = expert logit + weight * (largest patch d - shift)
+        patch map   = (1 - map_weight) * LTFM map + map_weight * sigmoid(image logit) * d / largest patch d
+    so the verdict's score, decision, heatmap and boxes follow the references, and the decision's calibration
+    (`decision`) applies to the fused expert logit unchanged. Without references both are exactly Anomaly-OV's.
+    `weight` and `shift` are fitted on a labelled validation split with references drawn from normal training
+    images (`anomaly-assistant eval calibrate --shots K --write`); `fitted_on` says where (None: defaults).
+    `neighbourhood` 3 suits SigLIP's 27 x 27 patch grid (PatchCore's window); a coarse grid wants 1.
+    """
+
+    weight: float = Field(20.0, ge=0.0)
+    shift: float = 0.1
+    map_weight: float = Field(0.5, ge=0.0, le=1.0)
+    neighbourhood: int = Field(3, ge=1)  # local averaging window of the patch grid before matching (odd)
+    max_patches: int = Field(16384, ge=1)  # memory-bank bound per scale (whole-image crops, tiles)
+    fitted_on: str | None = None
+
+    @model_validator(mode="after")
+    def _odd_window(self) -> ReferenceConfig:
+        if self.neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood must be odd (a window centred on the patch), got {self.neighbourhood}")
+        return self
+
+
 class RoiConfig(_SubConfig):
     """Expert-guided region-of-interest tokens (Triad)."""
 
@@ -116,7 +144,12 @@ class RoiConfig(_SubConfig):
     map_source: Literal["expert", "external"] = "expert"  # "external": maps come with the inputs (e.g. CLIP)
 
 
-SUB_CONFIGS: dict[str, type[_SubConfig]] = {"expert": ExpertConfig, "roi": RoiConfig, "decision": DecisionConfig}
+SUB_CONFIGS: dict[str, type[_SubConfig]] = {
+    "expert": ExpertConfig,
+    "roi": RoiConfig,
+    "decision": DecisionConfig,
+    "reference": ReferenceConfig,
+}
 # Keys of checkpoints written before the decision had its own section: expert.<old> -> decision.<new>.
 MOVED_TO_DECISION = {"score_scale": "expert_weight", "score_shift": "bias", "decision_threshold": "threshold"}
 
@@ -133,6 +166,7 @@ def _changes_model(kind: type[_SubConfig], name: str) -> type[BaseModel]:
 ExpertChanges = _changes_model(ExpertConfig, "ExpertChanges")
 RoiChanges = _changes_model(RoiConfig, "RoiChanges")
 DecisionChanges = _changes_model(DecisionConfig, "DecisionChanges")
+ReferenceChanges = _changes_model(ReferenceConfig, "ReferenceChanges")
 
 
 class Settings(BaseModel):
@@ -147,12 +181,13 @@ class Settings(BaseModel):
     expert: ExpertChanges = Field(default_factory=ExpertChanges)
     roi: RoiChanges = Field(default_factory=RoiChanges)
     decision: DecisionChanges = Field(default_factory=DecisionChanges)
+    reference: ReferenceChanges = Field(default_factory=ReferenceChanges)
 
     def changes(self, name: str) -> dict[str, Any]:
         """The fields of sub-config `name` this run sets."""
         return getattr(self, name).model_dump(exclude_none=True)
 
-    @field_serializer("expert", "roi", "decision")
+    @field_serializer("expert", "roi", "decision", "reference")
     def _only_changes(self, section: BaseModel) -> dict[str, Any]:
         return section.model_dump(exclude_none=True)  # saved with a training config: what was set, nothing else
 
@@ -194,6 +229,7 @@ class AssistantConfig(LlavaOnevisionConfig):
     expert: ExpertConfig | dict | None = None
     roi: RoiConfig | dict | None = None
     decision: DecisionConfig | dict | None = None
+    reference: ReferenceConfig | dict | None = None
     phrase_prefix_ids: list | None = None  # tokens of "with"
     adverb_token_ids: list | None = None  # three equal-length id lists: slightly, moderately, highly
     phrase_suffix_ids: list | None = None  # tokens of " suspicious features:"

@@ -33,6 +33,7 @@ from .domain import DomainModel
 from .image_io import ImageInput, load_image, load_references
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
+from .profiles import Profile, ProfileError, image_side_fingerprint
 from .prompts import (
     DECISION_QUESTIONS,
     DEFECT_QUESTION,
@@ -46,6 +47,7 @@ from .prompts import (
     stated_decision,
     yes_means_anomalous,
 )
+from .references import PatchBank
 from .verdict import Verdict
 from .vision import ImageEncoderMixin, ImageEncoding
 
@@ -117,8 +119,13 @@ class Scorer(Protocol):
 
 
 class Engine(Protocol):
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
-        """The decided verdict: fused score, decision, both sources, domain, heatmap and boxes; no text."""
+    def analyze(
+        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
+    ) -> Verdict:
+        """The decided verdict: fused score, decision, both sources, domain, heatmap and boxes; no text.
+
+        Normal `references` or an enrolled `profile` (by name) drive the expert's evidence
+        (`config.ReferenceConfig`); a profile also brings its own threshold and domain."""
         ...
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]: ...
@@ -142,13 +149,14 @@ def inspect(
     references: Sequence[ImageInput] = (),
     question: str = INSPECTION_QUESTION,
     max_new_tokens: int = 256,
+    profile: str | None = None,
 ) -> Verdict:
     """Verdict for one image: the decision, heatmap and boxes, the LLM's reasoning and the defect type.
 
     The reasoning agrees with the decision (`agreeing_answer`), so the text and the verdict cannot disagree.
     """
     conversation = Conversation.start(image, question, references)
-    verdict = engine.analyze(conversation.image, conversation.references)
+    verdict = engine.analyze(conversation.image, conversation.references, profile)
     reasoning = agreeing_answer(engine, conversation, verdict.anomalous, max_new_tokens).strip()
     defect = None
     if verdict.anomalous:
@@ -243,11 +251,13 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _image_key(images: Sequence[Image.Image]) -> str:
+def _image_key(images: Sequence[Image.Image], profile: Profile | None = None) -> str:
     digest = hashlib.sha256()
     for image in images:
         digest.update(f"{image.size}".encode())
         digest.update(image.tobytes())
+    if profile is not None:
+        digest.update(f"profile:{profile.name}:{profile.created}".encode())
     return digest.hexdigest()
 
 
@@ -265,6 +275,7 @@ class ImageAnalyzer:
         cache_size: int = 8,
         roi_expert: Scorer | None = None,
         domain: DomainModel | None = None,
+        profiles: str | Path | None = None,
     ):
         if model.config.roi.map_source == "external" and roi_expert is None:
             raise ValueError(
@@ -275,8 +286,11 @@ class ImageAnalyzer:
         self.processor = processor
         self.roi_expert = roi_expert
         self.domain = domain  # the images the checkpoint knows (None: domain unknown)
+        self.profiles = None if profiles is None else Path(profiles)  # the checkpoint folder its profiles live in
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
+        self._banks: OrderedDict[str, PatchBank] = OrderedDict()  # of reference image sets
+        self._profiles: dict[str, Profile] = {}
         # One model call at a time; also guards the image cache. A plain Lock, not an RLock: a streaming generator
         # holds it across yields, and Gradio may resume the generator on another worker thread.
         self._lock = threading.Lock()
@@ -285,24 +299,64 @@ class ImageAnalyzer:
     def device(self) -> torch.device:
         return self.model.device
 
-    def encode(self, images: Sequence[Image.Image]) -> ImageEncoding:
-        """Encode a query (last) with its references, cached by pixel content."""
+    def encode(self, images: Sequence[Image.Image], profile: Profile | None = None) -> ImageEncoding:
+        """Encode a query (last) with its references, cached by pixel content; the analysis compares the query
+        with the references (or with `profile`'s memory bank)."""
         with self._lock:
-            return self._encode(images)
+            return self._encode(images, profile)
 
-    def _encode(self, images: Sequence[Image.Image]) -> ImageEncoding:
+    def _encode(self, images: Sequence[Image.Image], profile: Profile | None = None) -> ImageEncoding:
         """`encode` for a caller that holds the lock."""
-        key = _image_key(images)
+        if profile is not None and len(images) > 1:
+            raise ProfileError("give normal reference images or a profile, not both")
+        key = _image_key(images, profile)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        bank = profile.bank if profile is not None else self._reference_bank(images[:-1])
         inputs = self.processor.preprocess_images([list(images)], roi_maps=self._roi_maps(images))
         with torch.inference_mode():
-            encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()})
+            encoding = self.model.encode_images(**{k: v.to(self.device) for k, v in inputs.items()}, bank=bank)
         self._cache[key] = encoding
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return encoding
+
+    def _reference_bank(self, references: Sequence[Image.Image]) -> PatchBank | None:
+        """The memory bank of a request's normal references (each encoded as a query: whole image and tiles),
+        bounded by an even subsample; cached by content."""
+        if not references:
+            return None
+        key = _image_key(references)
+        if key not in self._banks:
+            bank = self._normal_patches(references).subsampled(self.model.config.reference.max_patches)
+            self._banks[key] = bank
+            if len(self._banks) > self.cache_size:
+                self._banks.popitem(last=False)
+        self._banks.move_to_end(key)
+        return self._banks[key]
+
+    def _normal_patches(self, images: Sequence[Image.Image]) -> PatchBank:
+        inputs = self.processor.preprocess_images([[image] for image in images])
+        with torch.inference_mode():
+            return self.model.normal_patches(
+                inputs["pixel_values"].to(self.device), inputs["image_sizes"].to(self.device)
+            )
+
+    def normal_patches(self, images: Sequence[Image.Image]) -> PatchBank:
+        """The (unbounded) memory bank of these normal images, for enrolling a profile."""
+        with self._lock:
+            return self._normal_patches(images)
+
+    def profile(self, name: str) -> Profile:
+        """The enrolled profile `name` of this checkpoint (loaded once; one made with another model is refused)."""
+        if name not in self._profiles:
+            if self.profiles is None:
+                raise ProfileError("this backend has no checkpoint folder to read profiles from")
+            self._profiles[name] = Profile.load(
+                self.profiles, name, image_side_fingerprint(self.model), self.model.config.vision_config.hidden_size
+            )
+        return self._profiles[name]
 
     def _roi_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
         """The external expert's map of the query (last image), the earlier images as its normal references."""
@@ -318,11 +372,20 @@ class ImageAnalyzer:
         return self.encode([*references, image]).analysis.domain_check(0, self.domain)[1]
 
     def decide(
-        self, image: Image.Image, references: Sequence[Image.Image], yes_probability: float | None
+        self,
+        image: Image.Image,
+        references: Sequence[Image.Image],
+        yes_probability: float | None,
+        profile: Profile | None = None,
     ) -> Verdict:
-        """The verdict on `image` from its (cached) analysis and the language model's P(Yes)."""
-        analysis = self.encode([*references, image]).analysis
-        return analysis.verdict(0, image.size, self.model.config.decision, yes_probability, self.domain)
+        """The verdict on `image` from its (cached) analysis and the language model's P(Yes); a profile brings
+        its memory bank, its threshold and its domain."""
+        analysis = self.encode([*references, image], profile).analysis
+        decision, domain = self.model.config.decision, self.domain
+        if profile is not None:
+            decision = decision.model_copy(update={"threshold": profile.threshold})
+            domain = profile.domain or domain
+        return analysis.verdict(0, image.size, decision, yes_probability, domain)
 
 
 class LocalEngine(ImageAnalyzer):
@@ -347,11 +410,14 @@ class LocalEngine(ImageAnalyzer):
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model, processor = load_checkpoint(path, dtype, settings)
         statistics = DomainModel.load(path, model.config.vision_config.hidden_size) if domain else None
-        return cls(model.to(device), processor, roi_expert=roi_expert, domain=statistics)
+        return cls(model.to(device), processor, roi_expert=roi_expert, domain=statistics, profiles=path)
 
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
+    def analyze(
+        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
+    ) -> Verdict:
         image, references = load_image(image, "image"), load_references(references)
-        return self.decide(image, references, yes_probability(self, image, references))
+        chosen = None if profile is None else self.profile(profile)
+        return self.decide(image, references, yes_probability(self, image, references), chosen)
 
     # -- text -----------------------------------------------------------------------------------------
     def _prompt_embeddings(self, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from .config import AssistantConfig
 from .expert import AnomalyExpert
+from .references import PatchBank
 from .vision import ImageAnalysis, ImageEncoderMixin, ImageEncoding, build_expert
 
 IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "image_is_query", "source_sizes", "roi_pixel_values", "roi_maps")
@@ -120,6 +121,9 @@ class AssistantForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
     def encode_images(self, **image_inputs) -> ImageEncoding:
         return self.model.encode_images(**image_inputs)
+
+    def normal_patches(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> PatchBank:
+        return self.model.normal_patches(pixel_values, image_sizes)
 
     def forward(
         self,

@@ -82,7 +82,12 @@ class Verdict(BaseModel):
     boxes: list[Box] = Field(default_factory=list)
     defect: str | None = None
     reasoning: str = Field("", description="the language model's answer, opening with the decided Yes/No")
-    expert_score: float | None = Field(None, ge=0.0, le=1.0, description="the anomaly expert's own (raw) score")
+    expert_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="the anomaly expert's raw score (with normal references: their evidence in)"
+    )
+    reference_distance: float | None = Field(
+        None, ge=0.0, description="the query patch farthest from the normal references (None: zero-shot)"
+    )
     llm_yes_probability: float | None = Field(
         None, ge=0.0, le=1.0, description="the language model's P(Yes) to the detection question"
     )
@@ -139,8 +144,8 @@ class Verdict(BaseModel):
         `score` is the calibrated decision score, decided once against `threshold`; `heatmap` and `boxes` are in
         the pixels the expert worked in (e.g. the ROI source image) and are brought to the image's own. Boxes are
         shown only when the verdict is anomalous; `sources` are the raw signals and the domain check
-        (`expert_score`, `llm_yes_probability`, `in_domain`, `domain_score`). The language model's reasoning and
-        defect name are added later (`engine.inspect`).
+        (`expert_score`, `reference_distance`, `llm_yes_probability`, `in_domain`, `domain_score`). The language
+        model's reasoning and defect name are added later (`engine.inspect`).
         """
         width, height = size
         anomaly_map = torch.as_tensor(heatmap).detach().float().cpu()

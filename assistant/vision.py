@@ -27,6 +27,7 @@ from .config import AssistantConfig, DecisionConfig
 from .expert import AnomalyExpert, ExpertOutput
 from .heatmap import assemble_heatmap
 from .layout import ImageLayout, image_layout
+from .references import PatchBank, ReferenceEvidence, fuse, image_distances
 from .roi import roi_boxes
 from .verdict import Box, Verdict
 
@@ -42,24 +43,35 @@ class ImageAnalysis:
     """What the expert says about each query image of a batch (in order): the image side's one result.
 
     Stage-1 training reads its logits and maps; `encode_images` adds the boxes; `verdict` turns one query's
-    reading into the user-facing `Verdict`.
+    reading into the user-facing `Verdict`. With normal references (`config.ReferenceConfig`) the verdict's
+    logits, heatmaps and boxes carry their evidence; the expert's own reading stays in `expert` and
+    `expert_heatmaps`, and only it reaches the language model's prompt (adverb, ROI crops): the served model
+    encodes every image on its own, so the prompt of a query cannot depend on other images.
     """
 
     layouts: list[ImageLayout]  # of the query images
-    expert: ExpertOutput  # over the query images' crops
+    expert: ExpertOutput  # over the query images' crops: the expert's own reading
     heatmaps: list[torch.Tensor]  # [h, w] per query, on the ROI source image (see `RoiConfig.source_max_side`)
     pooled_features: torch.Tensor  # [Q, D]: mean final-layer feature of each query's whole-image crop (domain check)
     boxes: list[list[Box]] = field(default_factory=list)  # detected regions per query, source pixels
     roi_boxes: list[list[Box]] = field(default_factory=list)  # the crops encoded as ROI tokens, source pixels
+    reference: ReferenceEvidence | None = None  # what the normal references say (None: zero-shot)
+    reference_logits: torch.Tensor | None = None  # [Q] the expert's logits with the references' evidence
+    expert_heatmaps: list[torch.Tensor] | None = None  # the expert's own heatmaps when `heatmaps` are fused
 
     @property
     def logits(self) -> torch.Tensor:
-        return self.expert.logits  # [Q]
+        """[Q] the verdict's expert logits: with the references' evidence when there are references."""
+        return self.expert.logits if self.reference_logits is None else self.reference_logits
 
     @property
     def scores(self) -> torch.Tensor:
-        """The expert's raw sigmoid scores (they choose the suspicion adverb)."""
-        return self.expert.scores
+        return torch.sigmoid(self.logits.float())
+
+    @property
+    def prompt_heatmaps(self) -> list[torch.Tensor]:
+        """The expert's own heatmaps: what chooses the ROI crops of the prompt."""
+        return self.heatmaps if self.expert_heatmaps is None else self.expert_heatmaps
 
     def domain_check(self, index: int, domain: DomainModel | None) -> tuple[float | None, bool | None]:
         """(domain score, in domain) of query `index`; (None, None) without domain statistics (domain unknown)."""
@@ -85,6 +97,7 @@ class ImageAnalysis:
             self.boxes[index],
             size,
             expert_score=float(self.scores[index]),
+            reference_distance=None if self.reference is None else float(self.reference.image_distances[index]),
             llm_yes_probability=yes_probability,
             in_domain=in_domain,
             domain_score=domain_score,
@@ -159,12 +172,14 @@ class ImageEncoderMixin:
         image_is_query: torch.Tensor,
         source_sizes: torch.Tensor,
         vision_grad: bool = True,
+        bank: PatchBank | None = None,
     ) -> tuple[torch.Tensor, ImageAnalysis | None]:
         """Final features [C, N, D] of every crop, and the expert's maps, tokens, scores and heatmaps of the
         query images (None when the batch has none).
 
         `encode_images` builds the LLM tokens on top of this; stage-1 training calls it alone.
         `vision_grad=False` runs the tower without autograd (a frozen tower while the expert trains).
+        `bank`: normal patches (`normal_patches`) every query is compared with (`config.ReferenceConfig`).
         """
         layouts = self.image_layouts(image_sizes, image_is_query)
         crops_per_image = [layout.num_crops for layout in layouts]
@@ -185,18 +200,36 @@ class ImageEncoderMixin:
             )
             query_final, query_levels = final[crop_is_query], [f[crop_is_query] for f in levels]
         expert = self.anomaly_expert(query_final, query_levels, query_crops)
-        heatmaps = [
-            assemble_heatmap(maps, (height, width), layout.grid, (source_h, source_w))
-            for maps, layout, (height, width), (source_h, source_w) in zip(
-                torch.split(expert.maps, query_crops),
-                query_layouts,
-                image_sizes[image_is_query].tolist(),
-                source_sizes.tolist(),
-            )
-        ]
+
+        def heatmaps(crop_maps: torch.Tensor) -> list[torch.Tensor]:
+            return [
+                assemble_heatmap(maps, (height, width), layout.grid, (source_h, source_w))
+                for maps, layout, (height, width), (source_h, source_w) in zip(
+                    torch.split(crop_maps, query_crops),
+                    query_layouts,
+                    image_sizes[image_is_query].tolist(),
+                    source_sizes.tolist(),
+                )
+            ]
+
         first_crops = torch.tensor([0, *query_crops[:-1]], device=final.device).cumsum(0)
         pooled = query_final[first_crops].float().mean(1)
-        return final, ImageAnalysis(query_layouts, expert, heatmaps, pooled)
+        analysis = ImageAnalysis(query_layouts, expert, heatmaps(expert.maps), pooled)
+        if bank is None:
+            return final, analysis
+        reference = self.config.reference
+        distances = bank.distances(query_levels, query_crops, reference.neighbourhood)
+        evidence = ReferenceEvidence(distances, image_distances(distances, query_crops))
+        maps, logits = fuse(expert.maps, expert.logits, evidence, query_crops, reference)
+        fused = replace(analysis, heatmaps=heatmaps(maps), expert_heatmaps=analysis.heatmaps)
+        return final, replace(fused, reference=evidence, reference_logits=logits)
+
+    def normal_patches(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> PatchBank:
+        """The memory bank of normal images, each given as a query (whole-image crop and AnyRes tiles)."""
+        layouts = self.image_layouts(image_sizes, torch.ones(len(image_sizes), dtype=torch.bool))
+        _, levels = self.vision_features(pixel_values, self.config.expert.feature_layers)
+        crops = [layout.num_crops for layout in layouts]
+        return PatchBank.from_features(levels, crops, self.config.reference.neighbourhood)
 
     def _expert_tokens(self, expert: ExpertOutput, layouts: list[ImageLayout]) -> list[torch.Tensor]:
         """Projected [global, crop-0 tokens, tile grid with row newlines] for each query image."""
@@ -255,18 +288,20 @@ class ImageEncoderMixin:
         source_sizes: torch.Tensor,
         roi_pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
         roi_maps: torch.Tensor | None = None,
+        bank: PatchBank | None = None,
     ) -> ImageEncoding:
         """All image-token embeddings of a batch plus the expert's analysis of its query images.
 
         `roi_pixel_values`: one uint8 [3, h, w] source per query image, as a padded [Q, 3, S, S] canvas or a
-        sequence of unpadded tensors.
+        sequence of unpadded tensors. `bank`: normal patches for the analysis (`analyze_queries`); the
+        embeddings never depend on it.
         """
         config, roi = self.config, self.config.roi
         if roi.enabled and roi_pixel_values is None and bool(image_is_query.any()):
             raise ValueError("ROI tokens are enabled but roi_pixel_values were not given")
         if roi.map_source == "external" and roi_maps is None and bool(image_is_query.any()):
             raise ValueError("roi.map_source is 'external' but no roi_maps were given")
-        final, analysis = self.analyze_queries(pixel_values, image_sizes, image_is_query, source_sizes)
+        final, analysis = self.analyze_queries(pixel_values, image_sizes, image_is_query, source_sizes, bank=bank)
         layouts = self.image_layouts(image_sizes, image_is_query)
         projected = self.multi_modal_projector(final)
         base_tokens, _ = self.pack_image_features(
@@ -286,10 +321,13 @@ class ImageEncoderMixin:
 
         sizes = [tuple(s) for s in source_sizes.tolist()]
         external = roi.map_source == "external"
-        box_maps = [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)] if external else analysis.heatmaps
+        external_maps = [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)] if external else None
         detected, crops = [], []
-        for box_map in box_maps:
-            found, chosen = roi_boxes(box_map.detach().float().cpu().numpy(), config.crop_size, roi)
+        for index, heatmap in enumerate(analysis.heatmaps):
+            prompt_map = external_maps[index] if external else analysis.prompt_heatmaps[index]
+            found, chosen = roi_boxes(prompt_map.detach().float().cpu().numpy(), config.crop_size, roi)
+            if analysis.reference is not None and not external:  # the verdict's boxes follow the references
+                found = roi_boxes(heatmap.detach().float().cpu().numpy(), config.crop_size, roi)[0]
             detected.append(found)
             crops.append(chosen)
         if roi.enabled:

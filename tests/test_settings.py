@@ -87,7 +87,7 @@ def test_serve_passes_settings_to_vllm_as_hf_overrides():
     args = build_parser().parse_args(["serve", "--model", "m", "--set", "roi.enabled=false"])
     command = server_command(args, "/models/m", "python", cpu=True)
     overrides = json.loads(command[command.index("--hf-overrides") + 1])
-    assert overrides == {"expert": {}, "roi": {"enabled": False}, "decision": {}}
+    assert overrides == {"expert": {}, "roi": {"enabled": False}, "decision": {}, "reference": {}}
     plain = server_command(build_parser().parse_args(["serve", "--model", "m"]), "/models/m", "python", cpu=True)
     assert "--hf-overrides" not in plain
 

@@ -1,0 +1,227 @@
+"""Enrolled product profiles: a user's own normal images, remembered next to the model.
+
+`anomaly-assistant enroll NAME --images DIR` turns normal images of one product into a profile: the memory bank
+of their patch features (`references.PatchBank`, bounded by greedy coreset), the domain statistics of those
+images (`domain.DomainModel`, when there are enough), and a decision threshold set from normal images alone.
+With a profile every query is compared with the bank (`config.ReferenceConfig`), so the verdict's score,
+heatmap and boxes reflect that product's normal look.
+
+The threshold: a share of the images (`THRESHOLD_SHARE`, at least one) is held out, scored as queries against a
+bank of the others, and the threshold lies just above the (1 - false_alarm_rate) quantile of their verdict
+scores (an observed score, numpy's "higher"), so about that share of normal images is flagged. With fewer than
+1/false_alarm_rate held-out images that quantile is their highest score, so enrol more images for a low rate.
+The bank that is saved then holds every image; held-out images scored against it would score lower, so the
+measured rate errs on the safe side.
+
+A profile is a folder `MODEL/profiles/NAME/` (`profile.json`, `bank.safetensors`, optionally
+`domain.safetensors`) and records the model's fingerprint (`image_side_fingerprint`): a profile made with
+another model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .domain import MIN_IMAGES, DomainError, DomainModel, image_features
+from .errors import AssistantError
+from .files import atomic_path, write_text_atomic
+from .image_io import load_image
+from .references import PatchBank
+
+if TYPE_CHECKING:
+    from .engine import LocalEngine
+
+PROFILES_DIR = "profiles"
+PROFILE_FILE = "profile.json"
+BANK_FILE = "bank.safetensors"
+FORMAT_VERSION = 1
+THRESHOLD_SHARE = 0.2
+DEFAULT_FALSE_ALARM_RATE = 0.05
+BATCH = 8  # images per vision call while enrolling
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ProfileError(AssistantError, ValueError):
+    """A profile that does not exist, is damaged, or was made with another model."""
+
+
+def image_side_fingerprint(model: torch.nn.Module) -> str:
+    """A short digest of the image side's weights (names, shapes and an even sample of every tensor's values)."""
+    from .vision import IMAGE_MODULES
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        name = name.removeprefix("model.")  # the full model's prefix; the server's image side has none
+        if name.split(".")[0] not in IMAGE_MODULES:
+            continue
+        values = tensor.detach().flatten()
+        values = values[:: max(1, values.numel() // 4096)].float().cpu().numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise ProfileError(
+            f"profile name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass
+class Profile:
+    """One product's normal look for one model."""
+
+    name: str
+    bank: PatchBank
+    threshold: float  # the verdict is anomalous when its score >= this (set for `false_alarm_rate`)
+    false_alarm_rate: float
+    fingerprint: str  # `image_side_fingerprint` of the model that made it
+    num_images: int
+    num_threshold_images: int
+    source: str
+    created: str
+    domain: DomainModel | None = None
+
+    def describe(self) -> str:
+        domain = self.domain.describe() if self.domain else "no domain statistics (too few images)"
+        return (
+            f"{self.name}: {self.num_images} normal images ({self.source}), {len(self.bank)} patches, threshold "
+            f"{self.threshold:.3f} for {self.false_alarm_rate:.0%} false alarms (set on {self.num_threshold_images} "
+            f"held-out images); domain: {domain}"
+        )
+
+    def save(self, model: str | Path) -> Path:
+        """Write `model/profiles/NAME/` (each file atomically; the JSON last, so a kill never leaves a profile
+        whose description points at a missing bank)."""
+        folder = Path(model) / PROFILES_DIR / check_name(self.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / BANK_FILE) as temporary:
+            save_file({k: v.half() for k, v in self.bank.tensors().items()}, str(temporary))
+        if self.domain is not None:
+            self.domain.save(folder)
+        else:
+            (folder / "domain.safetensors").unlink(missing_ok=True)
+        record = {k: v for k, v in asdict(self).items() if k not in ("bank", "domain")}
+        write_text_atomic(folder / PROFILE_FILE, json.dumps({"format": FORMAT_VERSION, **record}, indent=1) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, model: str | Path, name: str, fingerprint: str | None = None, feature_dim: int | None = None):
+        """The profile `name` of `model`; `fingerprint` refuses one made with another model."""
+        folder = Path(model) / PROFILES_DIR / check_name(name)
+        if not (folder / PROFILE_FILE).is_file():
+            known = profile_names(model)
+            raise ProfileError(
+                f"no profile {name!r} for {model} (known: {', '.join(known) if known else 'none'}); "
+                f"make one with `anomaly-assistant enroll {name} --images DIR`"
+            )
+        try:
+            record = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
+            tensors = load_file(str(folder / BANK_FILE))
+            bank = PatchBank(tensors["overview"].float(), tensors["tiles"].float())
+            fields = {k: record[k] for k in cls.__dataclass_fields__ if k not in ("bank", "domain")}
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            raise ProfileError(f"{folder}: damaged profile ({type(error).__name__}: {error}); enrol it again") from None
+        if fingerprint is not None and fields["fingerprint"] != fingerprint:
+            raise ProfileError(
+                f"profile {name!r} was made with another model (fingerprint {fields['fingerprint']}, this model "
+                f"{fingerprint}); enrol it again with this model"
+            )
+        try:
+            domain = DomainModel.load(folder, feature_dim)
+        except DomainError as error:
+            raise ProfileError(str(error)) from None
+        return cls(bank=bank, domain=domain, **fields)
+
+
+def profile_names(model: str | Path) -> list[str]:
+    root = Path(model) / PROFILES_DIR
+    return sorted(p.parent.name for p in root.glob(f"*/{PROFILE_FILE}")) if root.is_dir() else []
+
+
+def remove_profile(model: str | Path, name: str) -> None:
+    shutil.rmtree(Path(model) / PROFILES_DIR / check_name(name), ignore_errors=True)
+
+
+def normal_bank(engine: LocalEngine, paths: Sequence[Path], description: str) -> PatchBank:
+    """The coreset-bounded memory bank of normal images (batches of `BATCH`, bounded as it grows)."""
+    limit = engine.model.config.reference.max_patches
+    bank: PatchBank | None = None
+    for start in tqdm(range(0, len(paths), BATCH), desc=description, unit="batch", disable=len(paths) <= BATCH):
+        images = [load_image(path) for path in paths[start : start + BATCH]]
+        batch = engine.normal_patches(images)
+        bank = batch if bank is None else PatchBank.merged([bank, batch])
+        if bank.overview.shape[0] > 4 * limit or bank.tiles.shape[0] > 4 * limit:
+            bank = bank.coreset(limit)
+    return bank.coreset(limit)
+
+
+def enroll(
+    engine: LocalEngine,
+    name: str,
+    paths: Sequence[Path],
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    source: str = "",
+) -> Profile:
+    """A profile of normal images (see the module docstring for how the threshold is set)."""
+    from .engine import yes_probability
+
+    check_name(name)
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise ProfileError(f"false alarm rate must be in (0, 1), got {false_alarm_rate}")
+    if len(paths) < 2:
+        raise ProfileError(
+            f"a profile needs at least 2 normal images (one for the bank, one for the threshold), got {len(paths)}"
+        )
+    shuffled = list(paths)
+    random.Random(0).shuffle(shuffled)
+    held = max(1, round(THRESHOLD_SHARE * len(shuffled)))
+    threshold_paths, bank_paths = shuffled[:held], shuffled[held:]
+    fingerprint = image_side_fingerprint(engine.model)
+    common = {"name": name, "false_alarm_rate": false_alarm_rate, "fingerprint": fingerprint, "source": source}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    trial = Profile(
+        bank=normal_bank(engine, bank_paths, "memory bank (threshold)"),
+        threshold=1.0,
+        num_images=len(bank_paths),
+        num_threshold_images=0,
+        created=created,
+        **common,
+    )
+    scores = []
+    for path in tqdm(threshold_paths, desc="threshold", unit="image", disable=len(threshold_paths) < 2):
+        image = load_image(path)
+        scores.append(engine.decide(image, [], yes_probability(engine, image), trial).score)
+    # "higher": an observed score; just above it, so the held-out image that sets it is itself called normal
+    threshold = min(1.0, float(np.nextafter(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"), 2.0)))
+    domain = None
+    if len(bank_paths) >= MIN_IMAGES:
+        fit = image_features(engine, bank_paths, "domain features (fit)")
+        held_out = image_features(engine, threshold_paths, "domain features (threshold)")
+        domain = DomainModel.fit(fit, held_out, source=source)
+    return Profile(
+        bank=normal_bank(engine, shuffled, "memory bank"),
+        threshold=threshold,
+        num_images=len(shuffled),
+        num_threshold_images=held,
+        created=created,
+        domain=domain,
+        **common,
+    )
