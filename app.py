@@ -4,7 +4,8 @@
     python app.py --model runs/ckpt --device cuda  # a checkpoint folder of your own
     python app.py --endpoint http://localhost:8000/v1 --served-model anomaly-assistant  # the project's server
 
-Options, backends and limits: docs/app.md.
+Product profiles enrolled in the model's folder (`anomaly-assistant enroll NAME --images DIR --model CKPT`), or
+listed by the server, appear in the "Product profile" picker. Options, backends and limits: docs/app.md.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"backend: {backend.description}", flush=True)
     demo = build_demo(
-        backend.engine, backend.notice, backend.description, args.max_new_tokens, backend.card, backend.examples
+        backend.engine,
+        backend.notice,
+        backend.description,
+        args.max_new_tokens,
+        backend.card,
+        backend.examples,
+        profiles=backend.profiles,
     )
     launch(demo, args.host, args.port, examples=backend.examples)
     return 0

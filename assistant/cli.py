@@ -1,4 +1,10 @@
-"""`anomaly-assistant` command line: inspect, chat, init-tiny, convert, and the serve/eval/train/data families.
+"""`anomaly-assistant` command line: inspect, chat, enroll, profiles, init-tiny, convert, and the serve/eval/train/data
+families.
+
+Few-shot: `inspect`/`chat` take normal images of the same object (`--reference`, repeatable) or an enrolled product
+profile (`--profile NAME`, not both); `enroll NAME --images DIR` makes a profile from normal images and saves it
+next to the model (`assistant.profiles`), `profiles` lists the model's. With `--endpoint` the profile's name is sent
+to the server, which uses the served checkpoint's profiles (`GET /v1/profiles` lists them).
 
 Each family registers its own sub-commands (`register(subparsers)` in its module). Modules that build the
 parser import only argparse-level code; every command imports its implementation when it runs, so
@@ -104,15 +110,20 @@ def inspection_engine(args: argparse.Namespace):
     return ClipEngine(clip, threshold=args.threshold, text_engine=language)
 
 
-def verdict_lines(verdict) -> list[str]:
-    """The decision and its sources, and a warning line when the image is not like the model's training images."""
+def verdict_lines(verdict, profile: str | None = None) -> list[str]:
+    """The decision and its sources (the product profile it was compared with, if any), and a warning line when
+    the image is not like the model's training images (or the profile's normal images)."""
     label = "ANOMALOUS" if verdict.anomalous else "NORMAL"
     sources = []
     if verdict.expert_score is not None:
         sources.append(f"expert {verdict.expert_score:.3f}")
+    if verdict.reference_distance is not None:
+        sources.append(f"reference distance {verdict.reference_distance:.3f}")
     if verdict.llm_yes_probability is not None:
         sources.append(f"LLM P(Yes) {verdict.llm_yes_probability:.3f}")
     lines = [f"{label}  score {verdict.score:.3f}" + (f"  ({', '.join(sources)})" if sources else "")]
+    if profile is not None:
+        lines.append(f"profile: {profile} (compared with its normal images, decided at its own threshold)")
     if verdict.in_domain is False:
         lines.append(
             f"warning: out of domain (domain score {verdict.domain_score:.3f}): this image does not look like the "
@@ -123,15 +134,28 @@ def verdict_lines(verdict) -> list[str]:
     return lines
 
 
+def check_profile_arguments(args: argparse.Namespace) -> None:
+    """--profile with --reference is refused before anything loads; a malformed name too (locally and for a server)."""
+    if args.profile is None:
+        return
+    if args.reference:
+        raise UsageError("give normal --reference images or a --profile, not both")
+    from .profiles import check_name
+
+    check_name(args.profile)
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .engine import inspect
     from .image_io import load_image
     from .prompts import INSPECTION_QUESTION
 
+    check_profile_arguments(args)
     image = load_image(args.image)
     references = [load_image(r) for r in args.reference]
     question = args.question or INSPECTION_QUESTION
-    verdict = inspect(inspection_engine(args), image, references, question, args.max_new_tokens)
+    engine = inspection_engine(args)
+    verdict = inspect(engine, image, references, question, args.max_new_tokens, profile=args.profile)
     if args.heatmap_out:
         from .overlay import blend_heatmap
 
@@ -139,7 +163,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(verdict.model_dump_json())
         return
-    for line in verdict_lines(verdict):
+    for line in verdict_lines(verdict, args.profile):
         print(line)
     for box in verdict.boxes:
         print(f"  region x {box.x0}-{box.x1}, y {box.y0}-{box.y1}  peak {box.score:.2f}")
@@ -152,11 +176,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .engine import Conversation, agreeing_stream
     from .image_io import load_image
 
+    check_profile_arguments(args)
     image = load_image(args.image)  # a bad file is reported before the model loads
     references = [load_image(r) for r in args.reference]
     engine = load_engine(args)
-    verdict = engine.analyze(image, references)  # decided once; the answers may discuss it, not flip it
-    for line in verdict_lines(verdict):
+    verdict = engine.analyze(image, references, args.profile)  # decided once; the answers may discuss it, not flip it
+    for line in verdict_lines(verdict, args.profile):
         print(line)
     conversation = None
     print("Ask about the image; an empty line or Ctrl-D ends the chat.")
@@ -239,6 +264,61 @@ def cmd_fit_domain(args: argparse.Namespace) -> None:
     print(f"{domain.save(path)}: {domain.describe()}")
 
 
+def open_unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not within (0, 1)")
+    return value
+
+
+def cmd_enroll(args: argparse.Namespace) -> None:
+    from .domain import image_paths
+    from .engine import LocalEngine
+    from .profiles import check_name, enroll, profile_names
+
+    check_name(args.name)
+    path = resolve_model(args.model)
+    if args.name in profile_names(path) and not args.replace:
+        raise UsageError(
+            f"{path} already has a profile {args.name!r} (`anomaly-assistant profiles` describes it): give --replace "
+            "to enrol it again, or choose another name"
+        )
+    images = image_paths(args.images)  # a missing folder or one without images is reported before the model loads
+    if len(images) < 2:
+        raise UsageError(f"a profile needs at least 2 normal images, found {len(images)} in {', '.join(args.images)}")
+    engine = LocalEngine.from_pretrained(path, device=args.device, domain=True)
+    source = args.source or ", ".join(args.images)
+    profile = enroll(engine, args.name, images, false_alarm_rate=args.false_alarm_rate, source=source)
+    folder = profile.save(path)
+    print(profile.describe())
+    print(folder)
+
+
+def profile_descriptions(path) -> list[tuple[str, str]]:
+    """(name, description) of each profile in the model folder `path`; a damaged one says why."""
+    from .profiles import Profile, ProfileError, profile_names
+
+    described = []
+    for name in profile_names(path):
+        try:
+            described.append((name, Profile.load(path, name).describe()))
+        except ProfileError as error:
+            described.append((name, f"{name}: unusable ({error})"))
+    return described
+
+
+def cmd_profiles(args: argparse.Namespace) -> None:
+    path = resolve_model(args.model)
+    described = profile_descriptions(path)
+    if not described:
+        print(
+            f"{path} has no product profiles; make one from normal images of a product with "
+            f"`anomaly-assistant enroll NAME --images DIR --model {path}`"
+        )
+    for _, description in described:
+        print(description)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-assistant", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -249,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser = commands.add_parser("inspect", help="verdict, heatmap, boxes and reasoning for one image")
     inspect_parser.add_argument("image")
     inspect_parser.add_argument("--reference", action="append", default=[], help="a normal image of the same object")
+    inspect_parser.add_argument(
+        "--profile", metavar="NAME", help="an enrolled product profile of the model (`anomaly-assistant profiles`)"
+    )
     inspect_parser.add_argument(
         "--question", default=None, help="what to ask the assistant (default: a full inspection question)"
     )
@@ -287,11 +370,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat_parser = commands.add_parser("chat", help="multi-turn chat about an image in the terminal")
     chat_parser.add_argument("image")
-    chat_parser.add_argument("--reference", action="append", default=[])
+    chat_parser.add_argument("--reference", action="append", default=[], help="a normal image of the same object")
+    chat_parser.add_argument(
+        "--profile", metavar="NAME", help="an enrolled product profile of the model (`anomaly-assistant profiles`)"
+    )
     chat_parser.add_argument("--max-new-tokens", type=int, default=256)
     add_model_arguments(chat_parser)
     add_endpoint_arguments(chat_parser)
     chat_parser.set_defaults(handler=cmd_chat)
+
+    enroll_parser = commands.add_parser(
+        "enroll", help="remember a product's normal look: a profile from normal images, saved next to the model"
+    )
+    enroll_parser.add_argument("name", help="the profile's name (letters, digits, '.', '_', '-')")
+    enroll_parser.add_argument(
+        "--images",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="DIR_OR_GLOB",
+        help="normal images of the product: folders (searched recursively), globs or files; repeatable",
+    )
+    enroll_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    enroll_parser.add_argument(
+        "--false-alarm-rate",
+        type=open_unit_interval,
+        default=0.05,  # profiles.DEFAULT_FALSE_ALARM_RATE (not imported here: the parser loads no torch)
+        help="share of normal images the profile's threshold may flag (default 0.05)",
+    )
+    enroll_parser.add_argument("--source", help="how to describe the images (default: the paths given)")
+    enroll_parser.add_argument("--replace", action="store_true", help="enrol again over an existing profile")
+    enroll_parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    enroll_parser.set_defaults(handler=cmd_enroll)
+
+    profiles_parser = commands.add_parser("profiles", help="list a model's enrolled product profiles")
+    profiles_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    profiles_parser.set_defaults(handler=cmd_profiles)
 
     tiny_parser = commands.add_parser("init-tiny", help="write a tiny random model (for smoke tests)")
     tiny_parser.add_argument("output")

@@ -2,7 +2,9 @@
 
 Chat goes through the official `openai` client, whose retries with exponential backoff cover transient
 failures (connection errors, 408/409/429/5xx); `analyze` calls our server's `/inspect` route, which plain chat
-servers lack. Every failure becomes an `EndpointError` naming the URL, so a run stops with a reason, not a traceback.
+servers lack (with a product profile's name when one is given: the server's checkpoint holds the profiles, which
+`profiles()` lists from `GET /profiles`). Every failure becomes an `EndpointError` naming the URL, so a run stops
+with a reason, not a traceback.
 """
 
 from __future__ import annotations
@@ -207,8 +209,27 @@ class EndpointEngine:
                 f"{self.base_url}/model-card returned an invalid card: {error.errors()[0]['msg']}"
             ) from None
 
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
-        """The decided verdict from our server's `POST {base_url}/inspect` (no reasoning generated)."""
+    def profiles(self) -> list[tuple[str, str]] | None:
+        """(name, description) of the served checkpoint's product profiles from our server's
+        `GET {base_url}/profiles`; None if the endpoint has no such route (a plain chat server, an older one)."""
+        try:
+            with self._errors():
+                payload = self.client.get("/profiles", cast_to=object)
+        except EndpointError as error:
+            if isinstance(error.__cause__, openai.NotFoundError):
+                return None
+            raise
+        try:
+            return [(str(item["name"]), str(item.get("description", ""))) for item in payload["data"]]
+        except (TypeError, KeyError) as error:
+            raise EndpointError(f"{self.base_url}/profiles returned an invalid list: {error!r}") from None
+
+    def analyze(
+        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
+    ) -> Verdict:
+        """The decided verdict from our server's `POST {base_url}/inspect` (no reasoning generated); `profile` is
+        the name of one of the served checkpoint's product profiles (refused by the server with a reason when it
+        is unknown, was made with another model, or comes with references)."""
         image = load_image(image, "image")
         references = load_references(references)
         body = {
@@ -218,6 +239,8 @@ class EndpointEngine:
             "question": None,
             "max_tokens": 0,
         }
+        if profile is not None:  # only when asked for: a server that predates profiles sees the request it knows
+            body["profile"] = profile
         not_found = (
             f"{self.base_url}/inspect: HTTP 404: this endpoint serves chat only (no /inspect route; expert scores and "
             f"heatmaps need our server), or it does not serve the model {self.model!r}"
@@ -225,8 +248,13 @@ class EndpointEngine:
         with self._errors(not_found=not_found):
             payload = self.client.post("/inspect", body=body, cast_to=object)
         try:
-            return Verdict.model_validate(payload)
+            verdict = Verdict.model_validate(payload)
         except ValidationError as error:
             raise EndpointError(
                 f"{self.base_url}/inspect returned an invalid verdict: {error.errors()[0]['msg']}"
             ) from error
+        if profile is not None and verdict.reference_distance is None:
+            raise EndpointError(
+                f"{self.base_url}/inspect ignored the profile {profile!r}: this server predates product profiles"
+            )
+        return verdict

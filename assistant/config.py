@@ -107,7 +107,7 @@ class ReferenceConfig(_SubConfig):
 
     The query's patches are compared with the normal patches (`references.PatchBank`: nearest-neighbour cosine
     distance d at the expert's feature levels), and the evidence enters by one rule (`references.fuse`):
-        image logit = expert logit + weight * (largest patch d - shift)
+        image logit = expert logit + weight * max(0, largest patch d - shift)
         patch map   = (1 - map_weight) * LTFM map + map_weight * sigmoid(image logit) * d / largest patch d
     so the verdict's score, decision, heatmap and boxes follow the references, and the decision's calibration
     (`decision`) applies to the fused expert logit unchanged. Without references both are exactly Anomaly-OV's.
@@ -117,7 +117,7 @@ class ReferenceConfig(_SubConfig):
     """
 
     weight: float = Field(20.0, ge=0.0)
-    shift: float = 0.1
+    shift: float = Field(0.3, ge=0.0)  # distances up to this are what normal images' patches show
     map_weight: float = Field(0.5, ge=0.0, le=1.0)
     neighbourhood: int = Field(3, ge=1)  # local averaging window of the patch grid before matching (odd)
     max_patches: int = Field(16384, ge=1)  # memory-bank bound per scale (whole-image crops, tiles)

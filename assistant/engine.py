@@ -337,16 +337,22 @@ class ImageAnalyzer:
         return self._banks[key]
 
     def _normal_patches(self, images: Sequence[Image.Image]) -> PatchBank:
-        inputs = self.processor.preprocess_images([[image] for image in images])
+        crops = torch.from_numpy(np.concatenate([self.processor.image_crops(image, True) for image in images]))
+        sizes = torch.tensor([(image.height, image.width) for image in images], dtype=torch.long)
         with torch.inference_mode():
-            return self.model.normal_patches(
-                inputs["pixel_values"].to(self.device), inputs["image_sizes"].to(self.device)
-            )
+            return self.model.normal_patches(crops.to(self.device), sizes.to(self.device))
 
     def normal_patches(self, images: Sequence[Image.Image]) -> PatchBank:
         """The (unbounded) memory bank of these normal images, for enrolling a profile."""
         with self._lock:
             return self._normal_patches(images)
+
+    def use_profile(self, profile: Profile) -> str:
+        """Make a profile that lives elsewhere (e.g. an evaluation's) available by name; checked like a saved one."""
+        if profile.fingerprint != image_side_fingerprint(self.model):
+            raise ProfileError(f"profile {profile.name!r} was made with another model; enrol it again with this one")
+        self._profiles[profile.name] = profile
+        return profile.name
 
     def profile(self, name: str) -> Profile:
         """The enrolled profile `name` of this checkpoint (loaded once; one made with another model is refused)."""

@@ -1,7 +1,8 @@
 """Enrolled product profiles: a user's own normal images, remembered next to the model.
 
 `anomaly-assistant enroll NAME --images DIR` turns normal images of one product into a profile: the memory bank
-of their patch features (`references.PatchBank`, bounded by greedy coreset), the domain statistics of those
+of their patch features (`references.PatchBank`, bounded by greedy coreset from an even subsample of at most
+`POOL` times the bound), the domain statistics of those
 images (`domain.DomainModel`, when there are enough), and a decision threshold set from normal images alone.
 With a profile every query is compared with the bank (`config.ReferenceConfig`), so the verdict's score,
 heatmap and boxes reflect that product's normal look.
@@ -53,6 +54,7 @@ FORMAT_VERSION = 1
 THRESHOLD_SHARE = 0.2
 DEFAULT_FALSE_ALARM_RATE = 0.05
 BATCH = 8  # images per vision call while enrolling
+POOL = 8  # the coreset chooses from at most POOL x max_patches rows per scale (an even subsample beyond)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -61,7 +63,10 @@ class ProfileError(AssistantError, ValueError):
 
 
 def image_side_fingerprint(model: torch.nn.Module) -> str:
-    """A short digest of the image side's weights (names, shapes and an even sample of every tensor's values)."""
+    """A short digest of the image side's weights (names, shapes and an even sample of every tensor's values).
+
+    The values are rounded to bfloat16 first, so one model gives one fingerprint in whatever dtype it runs: a
+    profile enrolled on a CPU in float32 is accepted by the same checkpoint on a GPU or a server in bfloat16."""
     from .vision import IMAGE_MODULES
 
     digest = hashlib.sha256()
@@ -70,7 +75,7 @@ def image_side_fingerprint(model: torch.nn.Module) -> str:
         if name.split(".")[0] not in IMAGE_MODULES:
             continue
         values = tensor.detach().flatten()
-        values = values[:: max(1, values.numel() // 4096)].float().cpu().numpy()
+        values = values[:: max(1, values.numel() // 4096)].to(torch.bfloat16).float().cpu().numpy()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(values.tobytes())
     return digest.hexdigest()[:16]
@@ -168,8 +173,8 @@ def normal_bank(engine: LocalEngine, paths: Sequence[Path], description: str) ->
         images = [load_image(path) for path in paths[start : start + BATCH]]
         batch = engine.normal_patches(images)
         bank = batch if bank is None else PatchBank.merged([bank, batch])
-        if bank.overview.shape[0] > 4 * limit or bank.tiles.shape[0] > 4 * limit:
-            bank = bank.coreset(limit)
+        if max(bank.overview.shape[0], bank.tiles.shape[0]) > POOL * limit:  # memory stays bounded
+            bank = bank.subsampled(POOL * limit // 2)
     return bank.coreset(limit)
 
 

@@ -57,21 +57,24 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     """Indices of `size` rows that cover `features` (PatchCore's greedy k-center selection on a random projection).
 
     Each step adds the row farthest from everything chosen so far, so rare normal patches (edges, prints)
-    survive the subsampling that a random sample would thin out.
+    survive the subsampling that a random sample would thin out. One matrix-vector product per step.
     """
     if size >= features.shape[0]:
         return torch.arange(features.shape[0], device=features.device)
     generator = torch.Generator().manual_seed(seed)
+    features = features.float()
     if features.shape[1] > projection_dim:
         projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         features = features @ projection.to(features)
-    chosen = [int(torch.randint(features.shape[0], (1,), generator=generator))]
-    distance = (features - features[chosen[0]]).square().sum(1)
-    for _ in range(size - 1):
+    norms = features.square().sum(1)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(features.shape[0], (1,), generator=generator))
+    distance = norms - 2 * features @ features[chosen[0]] + norms[chosen[0]]
+    for step in range(1, size):
         index = int(distance.argmax())
-        chosen.append(index)
-        distance = torch.minimum(distance, (features - features[index]).square().sum(1))
-    return torch.tensor(chosen, device=features.device)
+        chosen[step] = index
+        torch.minimum(distance, norms - 2 * features @ features[index] + norms[index], out=distance)
+    return chosen.to(features.device)
 
 
 @dataclass
@@ -153,15 +156,18 @@ def fuse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps, logits) with the references' evidence in (`config.ReferenceConfig`):
 
-        image logit = expert logit + weight * (image distance - shift)
+        image logit = expert logit + weight * max(0, image distance - shift)
         patch map   = (1 - map_weight) * LTFM map + map_weight * sigmoid(image logit) * distance / image distance
 
-    The image moves by how far its farthest patch is from the normal ones; each patch's reference map is that
+    A patch farther from every normal patch than normal images' patches are (`shift`) is evidence of an anomaly;
+    a query close to the normal patches is no evidence of normality (a global defect, e.g. a changed weave or
+    tone, keeps its patches near normal ones), so the image logit only rises. Each patch's reference map is the
     image probability shared out by the patch's distance, so the farthest patch gets it all and the map keeps
-    the distances' contrast (a sigmoid per patch would saturate a whole tile whose late-layer features all
-    shift a little around a defect).
+    the distances' contrast (a sigmoid per patch would saturate a whole tile whose late-layer features all shift
+    a little around a defect).
     """
-    fused_logits = logits.float() + config.weight * (evidence.image_distances.to(logits.device) - config.shift)
+    excess = (evidence.image_distances.to(logits.device) - config.shift).clamp(min=0)
+    fused_logits = logits.float() + config.weight * excess
     crops = torch.tensor(crops_per_image, device=maps.device)
     probability = torch.repeat_interleave(torch.sigmoid(fused_logits), crops)[:, None, None]
     farthest = torch.repeat_interleave(evidence.image_distances.clamp(min=1e-6), crops)[:, None, None]

@@ -10,7 +10,14 @@ expert's logit alone (Platt scaling). The expected calibration error (ECE, 10 eq
 score of the raw expert sigmoid, the checkpoint's current score and the fit are printed; `--write` stores the fit
 in the model's `config.json` (`decision`). Run it on the test split without `--write` to measure held-out ECE.
 
+`--shots K` fits the few-shot evidence instead (`config.ReferenceConfig`): every image gets K normal references
+drawn (seeded, once per category) from its category's normal *train* images, and the `weight` and `shift` of
+`expert logit + weight * max(0, distance - shift)` are fitted by maximum likelihood (mildly L2-regularised on the
+weight) with the decision's own logit as the fixed rest of the model: the decision's calibration stays as it is
+and holds with references too. `--write` stores them in `config.json` (`reference`).
+
     anomaly-assistant eval calibrate --data runs/demo/data --split val --model assistant/weights/demo --write
+    anomaly-assistant eval calibrate --data runs/demo/data --split val --shots 1 --model assistant/weights/demo --write
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from assistant.config import MOVED_TO_DECISION, PROBABILITY_EPS, DecisionConfig
+from assistant.config import MOVED_TO_DECISION, PROBABILITY_EPS, DecisionConfig, ReferenceConfig
 from assistant.errors import UsageError
 
 BINS = 10
@@ -115,17 +122,81 @@ def fit_decision(engine, images: list, fitted_on: str, expert_only: bool = False
     )
 
 
-def write_decision(model: Path, decision: DecisionConfig) -> Path:
-    """Store the decision in the checkpoint's `config.json` (atomically)."""
+def fit_hinge_logistic(feature: np.ndarray, offset: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(slope, knee) of P(label) = sigmoid(offset + slope * max(0, feature - knee)), by maximum likelihood with a
+    mild L2 penalty on the slope (like `fit_logistic`); slope >= 0, knee within the feature's range."""
+    from scipy.optimize import minimize
+    from scipy.special import log_expit
+
+    if len(set(labels.tolist())) < 2:
+        raise UsageError("calibration needs both normal and anomalous images")
+
+    def loss(parameters: np.ndarray) -> float:
+        slope, knee = parameters
+        z = offset + slope * np.maximum(0.0, feature - knee)
+        return float(-np.sum(labels * log_expit(z) + (1 - labels) * log_expit(-z)) + 0.5 * slope**2)
+
+    low, high = float(feature.min()), float(feature.max())
+    starts = [(1.0, knee) for knee in np.quantile(feature, [0.25, 0.5, 0.75, 0.9])]
+    results = [
+        minimize(loss, np.array(start), method="L-BFGS-B", bounds=[(0.0, None), (low, high)]) for start in starts
+    ]
+    best = min(results, key=lambda result: result.fun)
+    return float(best.x[0]), float(best.x[1])
+
+
+def fit_reference(engine, images: list, references: dict[str, list], fitted_on: str) -> ReferenceConfig:
+    """The engine's few-shot evidence (`weight`, `shift`) refitted on labelled images, each with the normal
+    references of its category; the decision's logit is the fixed offset (a report is printed)."""
+    from scipy.special import expit
+    from tqdm.auto import tqdm
+
+    from assistant.config import logit
+    from assistant.engine import yes_probability
+    from assistant.image_io import load_image
+
+    config = engine.model.config
+    decision, reference = config.decision, config.reference
+    if decision.expert_weight <= 0:
+        raise UsageError("the decision gives the expert no weight (decision.expert_weight <= 0): references enter "
+                         "through the expert's logit; calibrate the decision first")
+    labels = np.array([int(item.anomalous) for item in images])
+    offsets, distances, current = [], [], []
+    for item in tqdm(images, desc="expert + references + P(Yes)"):
+        image, normals = load_image(item.image), [load_image(p) for p in references[item.category]]
+        analysis = engine.encode([*normals, image]).analysis
+        p_yes = yes_probability(engine, image, normals)
+        llm = 0.0 if p_yes is None else decision.llm_weight * logit(p_yes)
+        offsets.append(decision.expert_weight * float(analysis.expert.logits[0]) + llm + decision.bias)
+        distances.append(float(analysis.reference.image_distances[0]))
+        current.append(decision.score(float(analysis.logits[0]), p_yes))
+    offsets, distances = np.array(offsets), np.array(distances)
+    slope, shift = fit_hinge_logistic(distances, offsets, labels)
+    weight = slope / decision.expert_weight
+    fitted = expit(offsets + slope * np.maximum(0.0, distances - shift))
+    print(f"{len(images)} images ({labels.sum()} anomalous), {len(next(iter(references.values())))} shot(s): "
+          f"{fitted_on}")
+    print(f"zero-shot decision:  {_summary(labels, expit(offsets))}")
+    print(f"current references:  {_summary(labels, np.array(current))}")
+    print(f"fitted:              {_summary(labels, fitted)}   (weight {weight:.4f}, shift {shift:.4f})")
+    return reference.model_copy(update={"weight": weight, "shift": shift, "fitted_on": fitted_on})
+
+
+def write_section(model: Path, name: str, section: DecisionConfig | ReferenceConfig) -> Path:
+    """Store one sub-config (`decision`, `reference`) in the checkpoint's `config.json` (atomically)."""
     from assistant.files import write_text_atomic
 
     config_path = model / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     for old in MOVED_TO_DECISION:  # an older checkpoint's keys
         config.get("expert", {}).pop(old, None)
-    config["decision"] = decision.model_dump()
+    config[name] = section.model_dump()
     write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
     return config_path
+
+
+def write_decision(model: Path, decision: DecisionConfig) -> Path:
+    return write_section(model, "decision", decision)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -140,7 +211,27 @@ def run(args: argparse.Namespace) -> Path:
     engine = LocalEngine.from_pretrained(model, device=args.device, settings=run_settings(args))
     anomalous = sum(item.anomalous for item in images)
     fitted_on = f"{Path(args.data).name} [{args.split}], {len(images)} images ({anomalous} anomalous)"
+    if args.shots:
+        references = normal_references(args.data, args.layout, images, args.shots, args.seed)
+        fitted = fit_reference(engine, images, references, f"{fitted_on}, {args.shots} train normal(s) each")
+        if args.write:
+            print(f"wrote the few-shot evidence (weight, shift) to {write_section(model, 'reference', fitted)}")
+        return model / "config.json"
     decision = fit_decision(engine, images, fitted_on, args.expert_only)
     if args.write:
         print(f"wrote the decision (expert_weight, llm_weight, bias) to {write_decision(model, decision)}")
     return model / "config.json"
+
+
+def normal_references(data: str, layout: str, images: list, shots: int, seed: int) -> dict[str, tuple[Path, ...]]:
+    """`shots` normal train images per category of `images`, drawn as `eval zeroshot --shots` draws them."""
+    from data.folder import load_folder
+
+    from .datasets import draw_references
+
+    categories = sorted({i.category for i in images})
+    normals: dict[str, list[Path]] = {c: [] for c in categories}
+    for item in load_folder(data, layout, "train", categories):
+        if not item.anomalous:
+            normals[item.category].append(item.image)
+    return {c: draw_references(c, normals[c], shots, seed) for c in categories}

@@ -92,6 +92,12 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for picking the reference images")
     parser.add_argument(
+        "--profile-from",
+        choices=("train",),
+        help="enrol each category's normal training images as a profile (in the output folder) and score against "
+        "it (our model's scorers, in-process)",
+    )
+    parser.add_argument(
         "--pixel-size", type=COUNT, default=256, help="long side of masks/maps for pixel metrics; 0 = mask resolution"
     )
     parser.add_argument("--limit", type=POSITIVE, help="only N test images per category (spread over the sorted list)")
@@ -149,7 +155,15 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "--expert-only", action="store_true", help="fit the expert's logit alone (llm_weight 0): Platt scaling"
     )
     parser.add_argument(
-        "--write", action="store_true", help="store the fitted decision in the model's config.json (`decision`)"
+        "--shots",
+        type=COUNT,
+        default=0,
+        help="fit the few-shot evidence (`reference.weight`, `reference.shift`) with this many normal train images "
+        "per item as references, instead of the decision",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="draws the references (with --shots)")
+    parser.add_argument(
+        "--write", action="store_true", help="store the fit in the model's config.json (`decision` or `reference`)"
     )
     add_model_arguments(parser)
 

@@ -8,6 +8,7 @@ without a mask is an error, since it would silently count as all-normal pixels.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,16 @@ from data.errors import DataError
 from data.folder import LabelledImage, load_folder
 
 VISA_CSV = Path("split_csv") / "1cls.csv"
+
+
+def draw_references(category: str, normal_train: list[Path], shots: int, seed: int) -> tuple[Path, ...]:
+    """`shots` normal training images of a category as its few-shot references: seeded, the same for every run
+    (zero-shot evaluation and few-shot calibration draw them alike)."""
+    from assistant.errors import UsageError
+
+    if shots > len(normal_train):
+        raise UsageError(f"--shots {shots}: category {category} has only {len(normal_train)} normal training images")
+    return tuple(random.Random(f"{seed}|{category}").sample(normal_train, shots))
 
 
 @dataclass

@@ -40,18 +40,24 @@ class VerdictScorer:
         self.engine = engine
         self.field = field
 
-    def scored(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> Scored:
-        verdict = self.engine.analyze(image, references)
+    def scored(
+        self, image: Image.Image, references: Sequence[Image.Image] = (), profile: str | None = None
+    ) -> Scored:
+        verdict = self.engine.analyze(image, references, profile)
         return Scored(getattr(verdict, self.field), verdict.heatmap, verdict.in_domain)
 
     def score(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> tuple[float, np.ndarray]:
         return self.scored(image, references)[:2]
 
 
-def score_image(scorer: Scorer, image: Image.Image, references: Sequence[Image.Image] = ()) -> Scored:
-    """Any scorer's reading of one image, with the domain check where the scorer is our model."""
+def score_image(
+    scorer: Scorer, image: Image.Image, references: Sequence[Image.Image] = (), profile: str | None = None
+) -> Scored:
+    """Any scorer's reading of one image, with the domain check (and an enrolled profile) where it is our model."""
     if isinstance(scorer, VerdictScorer):
-        return scorer.scored(image, references)
+        return scorer.scored(image, references, profile)
+    if profile is not None:
+        raise UsageError("only our model's scorers (expert, decision) take a profile")
     return Scored(*scorer.score(image, references))
 
 

@@ -2,6 +2,12 @@
 
     anomaly-assistant eval zeroshot --data mvtec_anomaly_detection --scorers expert,clip
     anomaly-assistant eval zeroshot --data VisA_20220922 --endpoint http://127.0.0.1:8000/v1 --served-model ours
+    anomaly-assistant eval zeroshot --data runs/demo/data --scorers expert,decision --shots 4
+    anomaly-assistant eval zeroshot --data runs/demo/data --scorers expert,decision --profile-from train
+
+`--shots K` gives every test image K normal training images of its category as references; `--profile-from
+train` enrols each category's normal training images as a profile (`assistant.profiles`, saved under the output
+folder so a resumed run reuses it) and scores every test image against it.
 
 Metrics are computed per category, then averaged over categories (the MVTec/VisA convention). For bounded
 memory every map and mask is brought to the mask resolution shrunk to `--pixel-size` on the long side (map
@@ -12,7 +18,6 @@ its map + mask (.npz), so a stopped run resumes where it was.
 from __future__ import annotations
 
 import argparse
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -27,7 +32,7 @@ from data.folder import LabelledImage
 
 from .ad_metrics import aupro, auroc, evaluation_size, f1_max, resample
 from .backends import batch_size
-from .datasets import Category, load_categories, load_mask, sample_id
+from .datasets import Category, draw_references, load_categories, load_mask, sample_id
 from .published import BENCHMARK_CATEGORIES, ZERO_SHOT_IMAGE_AUROC
 from .records import AnswerLog, Record, check_settings
 from .report import CHART_FILE, bar_chart, domain_line, fmt, markdown_table, write_report
@@ -53,6 +58,7 @@ class ScoreItem:
     id: str
     sample: LabelledImage
     references: tuple[Path, ...]
+    profile: str | None = None  # an enrolled profile's name (`--profile-from`)
 
 
 def _spread(samples: list[LabelledImage], limit: int | None) -> list[LabelledImage]:
@@ -61,13 +67,6 @@ def _spread(samples: list[LabelledImage], limit: int | None) -> list[LabelledIma
         return samples
     return samples[:: len(samples) // limit][:limit]
 
-
-def _references(category: Category, shots: int, seed: int) -> tuple[Path, ...]:
-    if shots > len(category.normal_train):
-        raise UsageError(
-            f"--shots {shots}: category {category.name} has only {len(category.normal_train)} normal training images"
-        )
-    return tuple(random.Random(f"{seed}|{category.name}").sample(category.normal_train, shots))
 
 
 def _score_batch(
@@ -80,7 +79,7 @@ def _score_batch(
             references = [load_image(path) for path in item.references]
             if hasattr(scorer(), "object_name"):  # prompt-based scorers (WinCLIP) name the object in their prompts
                 scorer().object_name = item.sample.category
-            score, anomaly_map, in_domain = score_image(scorer(), image, references)
+            score, anomaly_map, in_domain = score_image(scorer(), image, references, item.profile)
             anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
             if anomaly_map.shape != (image.height, image.width) or not np.isfinite(anomaly_map).all():
                 raise UsageError(
@@ -171,16 +170,20 @@ def run(args: argparse.Namespace) -> Path:
         "pixel_size": args.pixel_size,
         "shots": args.shots,
         "seed": args.seed,
+        "profile_from": args.profile_from,
         "image_only": args.image_only,
     }
     check_settings(output, settings | {f"scorer.{name}": scorer_spec(name, args) for name in names})
     log = AnswerLog(output / "answers.jsonl", ZeroShotAnswer)
-    references = {c.name: _references(c, args.shots, args.seed) for c in categories}
+    if args.profile_from and (args.shots or set(names) - set(MODEL_SCORERS) or args.endpoint):
+        raise UsageError("--profile-from: our model's scorers in-process only (expert, decision), without --shots")
+    references = {c.name: draw_references(c.name, c.normal_train, args.shots, args.seed) for c in categories}
     samples = [sample for category in categories for sample in _spread(category.test, args.limit)]
     results, in_domain = {}, {}
     for name in names:
-        items = [ScoreItem(f"{name}/{sample_id(s)}", s, references[s.category]) for s in samples]
-        scorer = cache(lambda name=name: build_scorer(name, args))  # built only if something is left to score
+        profile = (lambda s: s.category) if args.profile_from else (lambda s: None)
+        items = [ScoreItem(f"{name}/{sample_id(s)}", s, references[s.category], profile(s)) for s in samples]
+        scorer = cache(lambda name=name: _with_profiles(build_scorer(name, args), categories, output, args))
         run_pending(
             items,
             log.load(),
@@ -197,6 +200,27 @@ def run(args: argparse.Namespace) -> Path:
             for c in categories
         }
     return write_zeroshot_report(output, layout, results, settings, list(in_domain.values()) or None)
+
+
+def _with_profiles(scorer: Scorer, categories: list[Category], output: Path, args: argparse.Namespace) -> Scorer:
+    """With `--profile-from train`, every category's profile (enrolled once, kept in `output/profiles/`) made
+    available to the scorer's engine by the category's name."""
+    if not args.profile_from:
+        return scorer
+    from assistant.profiles import PROFILES_DIR, Profile, ProfileError, enroll, image_side_fingerprint
+
+    engine = scorer.engine
+    fingerprint = image_side_fingerprint(engine.model)
+    for category in categories:
+        try:
+            profile = Profile.load(output, category.name, fingerprint, engine.model.config.vision_config.hidden_size)
+        except ProfileError:
+            if (output / PROFILES_DIR / category.name).exists():
+                raise
+            profile = enroll(engine, category.name, category.normal_train, source=f"{category.name} normal train")
+            profile.save(output)
+        engine.use_profile(profile)
+    return scorer
 
 
 def results_categories(results: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
@@ -217,8 +241,13 @@ def write_zeroshot_report(
     rows = [[name, *(fmt(_percent(macro[m]), 1) for m in metrics)] for name, macro in macros.items()]
     sections = [
         "# Zero-shot anomaly detection",
-        f"Data: `{settings['data']}` ({layout} layout), {settings['shots']} reference image(s) per category. "
-        "Metrics in %, per category then the mean over categories.",
+        f"Data: `{settings['data']}` ({layout} layout), "
+        + (
+            "each category's normal training images enrolled as a profile. "
+            if settings.get("profile_from")
+            else f"{settings['shots']} reference image(s) per category. "
+        )
+        + "Metrics in %, per category then the mean over categories.",
         markdown_table(["Scorer", *metrics], rows),
         "Image-level metrics only (--image-only: the test set has no pixel masks)."
         if settings.get("image_only")
@@ -233,7 +262,8 @@ def write_zeroshot_report(
     if undefined:
         sections.append("Undefined (one class only), left out of the means: " + "; ".join(undefined) + ".")
     published = [p for p in ZERO_SHOT_IMAGE_AUROC if layout in p.values]
-    if settings["shots"] == 0 and set(results_categories(results)) <= BENCHMARK_CATEGORIES[layout]:
+    zero_shot = settings["shots"] == 0 and not settings.get("profile_from")
+    if zero_shot and set(results_categories(results)) <= BENCHMARK_CATEGORIES[layout]:
         sections += [
             f"Published zero-shot image AUROC on the full {layout} test set ({ZERO_SHOT_IMAGE_AUROC[0].source}):",
             markdown_table(["Model", "I-AUROC"], [[p.model, fmt(p.values[layout], 1)] for p in published]),

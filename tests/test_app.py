@@ -312,11 +312,13 @@ def test_a_session_holds_its_panel_at_display_size_and_expires(app_engine, tmp_p
     photo = tmp_path / "large.png"
     defect_image(3000, 4000).save(photo)
     handlers = ChatHandlers(app_engine, max_new_tokens=2)
-    outputs = list(handlers.chat("Is there a defect?", {"path": str(photo)}, None, 0.5, None, lambda *a, **k: None))
+    outputs = list(
+        handlers.chat("Is there a defect?", {"path": str(photo)}, None, 0.5, None, None, lambda *a, **k: None)
+    )
     session = outputs[-1][-1]
     assert session.preview.image.size == (1024, 768) and session.preview.verdict.heatmap.shape == (768, 1024)
     assert reachable_bytes(session) <= 1.05 * 1024 * 768 * (3 + 4)  # the RGB preview and its float32 heatmap
-    follow_up = list(handlers.chat("Where?", {"path": str(photo)}, None, 0.5, session, lambda *a, **k: None))
+    follow_up = list(handlers.chat("Where?", {"path": str(photo)}, None, 0.5, None, session, lambda *a, **k: None))
     assert [m["role"] for m in follow_up[-1][-1].messages] == ["user", "assistant", "user", "assistant"]
     demo = build_demo(app_engine)
     states = [block for block in demo.blocks.values() if isinstance(block, gr.State)]

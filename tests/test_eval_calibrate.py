@@ -52,3 +52,35 @@ def test_calibrate_command_writes_the_scaling(tiny_path, tmp_path, capsys):
     decision = json.loads((model / "config.json").read_text())["decision"]
     assert decision["llm_weight"] == 0.0 and (decision["expert_weight"] != 1.0 or decision["bias"] != 0.0)
     assert decision["fitted_on"] == "data [train], 6 images (3 anomalous)"
+
+
+def test_calibrate_with_shots_fits_and_writes_the_few_shot_evidence(tiny_path, tmp_path, capsys):
+    import shutil
+
+    from PIL import ImageDraw
+
+    from tests.helpers import texture
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_path, model)
+    root = tmp_path / "data" / "part"
+    for index in range(8):  # normal train images (the references) and a labelled val split
+        (root / "train" / "good").mkdir(parents=True, exist_ok=True)
+        texture(index).save(root / "train" / "good" / f"{index}.png")
+        for kind in ("good", "spot"):
+            image = texture(100 + index).convert("RGB")
+            if kind == "spot":
+                ImageDraw.Draw(image).rectangle((30, 30, 50, 50), fill=(255, 0, 0))
+            (root / "val" / kind).mkdir(parents=True, exist_ok=True)
+            image.save(root / "val" / kind / f"{index}.png")
+    args = ["eval", "calibrate", "--data", str(tmp_path / "data"), "--shots", "2", "--model", str(model)]
+    before = json.loads((model / "config.json").read_text())
+    assert main([*args, "--write", "--set", "reference.neighbourhood=1"]) == 0
+    assert "16 images (8 anomalous), 2 shot(s)" in capsys.readouterr().out
+    after = json.loads((model / "config.json").read_text())
+    assert after["decision"] == before["decision"]  # the decision's calibration is kept as it is
+    reference = after["reference"]
+    assert reference["fitted_on"] == "data [val], 16 images (8 anomalous), 2 train normal(s) each"
+    assert reference["weight"] > 0 and reference["neighbourhood"] == 1
+    assert main([*args, "--shots", "9"]) == 2  # more references than the category's normal train images
+    assert "has only 8 normal training images" in capsys.readouterr().err

@@ -213,3 +213,22 @@ def test_image_only_runs_without_masks_and_reports_image_metrics(tmp_path, fake_
     assert "| Scorer | I-AUROC | I-F1max |" in report and "P-AUROC" not in report
     assert report_rows(report)["clip"] == ["100.0", "100.0"]
     assert not (output / "pixels").exists()
+
+
+def test_profile_from_train_enrols_once_and_scores_against_it(tiny_path, tmp_path, monkeypatch):
+    import assistant.profiles
+
+    data, output = write_mvtec(tmp_path / "mvtec"), tmp_path / "run"
+    args = zeroshot_args(data, output, "--categories", "bottle", "--scorers", "expert,decision", "--model",
+                         str(tiny_path), "--profile-from", "train")
+    assert main(args) == 0
+    assert (output / "profiles" / "bottle" / "profile.json").is_file()
+    report = (output / "report.md").read_text()
+    assert "each category's normal training images enrolled as a profile" in report
+    assert "Published zero-shot" not in report  # not a zero-shot run
+    records = [json.loads(line) for line in (output / "answers.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(0 <= r["score"] <= 1 for r in records)
+    monkeypatch.setattr(assistant.profiles, "enroll", lambda *a, **k: pytest.fail("enrolled twice"))
+    (output / "answers.jsonl").write_text("")  # everything to score again, against the saved profile
+    assert main(args) == 0 and len((output / "answers.jsonl").read_text().splitlines()) == 8
+    assert main([*args[:-2], "--shots", "1", "--profile-from", "train"]) == 2  # one or the other

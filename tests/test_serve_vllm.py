@@ -426,7 +426,7 @@ def test_the_key_guards_every_route_but_the_open_probes(servers):
     base = server.url.removesuffix("/v1")
     routes = live_routes(server)
     paths = {path for _, path in routes}
-    assert {"/v1/chat/completions", "/v1/inspect", "/invocations", "/tokenize", "/v1/models"} <= paths
+    assert {"/v1/chat/completions", "/v1/inspect", "/v1/profiles", "/invocations", "/tokenize", "/v1/models"} <= paths
     guarded = 0
     for method, path in sorted(routes):
         if path in OPEN_PATHS:

@@ -14,6 +14,7 @@ resume from their last checkpoint, so an interrupted build continues where it st
     5 instruct      stage 2: LoRA + projector                             -> OUT/instruct/adapter
     6 package       image side + adapter + base_llm.json (a few MB)      -> assistant/weights/demo
     7 calibrate     the decision (expert logit + P(Yes)) fitted on val   -> config.json `decision`
+                    the few-shot evidence, 1 train normal per val image   -> config.json `reference`
     8 domain        domain statistics: train images, threshold on val    -> domain.safetensors
     9 card          held-out measurements, examples, the model card      -> model_card.json, examples/
 
@@ -72,6 +73,10 @@ DEMO_EXPERT = {
     "temperature": 10.0,
 }
 DEMO_ROI = {"max_boxes": 2, "source_max_side": 256}
+# The demo tower's 8 x 8 patch grid per crop: a 3 x 3 matching window would blur a speck into its neighbours
+# (20 held-out local defects against 1 reference: the farthest patch at the speck 85% of the time with 1, 75%
+# with 3). 4,096 patches per scale hold 64 images' whole-image crops: a profile's coreset takes seconds, not minutes.
+DEMO_REFERENCE = {"neighbourhood": 1, "max_patches": 4096}
 
 
 def build_initial_model(folder: Path) -> Path:
@@ -189,8 +194,9 @@ def run_demo(
         packaged.write_text(json.dumps(made_from))
 
     from assistant.checkpoint import checkpoint_config
+    from assistant.config import Settings
     from assistant.engine import LocalEngine
-    from eval.calibrate import fit_decision, write_decision
+    from eval.calibrate import fit_decision, fit_reference, normal_references, write_decision, write_section
 
     from .demo_card import fit_demo_domain, print_metrics, write_card
 
@@ -198,6 +204,13 @@ def run_demo(
         validation = load_folder(data_root, "mvtec", "val", [CATEGORY])
         fitted_on = f"textile val split ({len(validation)} images, {sum(i.anomalous for i in validation)} anomalous)"
         write_decision(destination, fit_decision(LocalEngine.from_pretrained(destination), validation, fitted_on))
+    if checkpoint_config(destination).reference.fitted_on is None:
+        validation = load_folder(data_root, "mvtec", "val", [CATEGORY])
+        references = normal_references(str(data_root), "mvtec", validation, 1, seed)
+        engine = LocalEngine.from_pretrained(destination, settings=Settings(reference=DEMO_REFERENCE))
+        anomalous = sum(i.anomalous for i in validation)
+        fitted_on = f"textile [val], {len(validation)} images ({anomalous} anomalous), 1 train normal(s) each"
+        write_section(destination, "reference", fit_reference(engine, validation, references, fitted_on))
     if not (destination / "domain.safetensors").is_file():
         fit_demo_domain(destination, data_root, seed)
     mmad_test = output / "mmad_test.json"

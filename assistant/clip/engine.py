@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import RoiConfig
 from ..engine import Conversation, Engine
+from ..errors import UsageError
 from ..image_io import ImageInput, load_image, load_references
 from ..roi import detect_boxes
 from ..verdict import Box, Verdict
@@ -37,7 +38,16 @@ class ClipEngine:
         self.text_engine = text_engine
         self.box_config = boxes or RoiConfig()  # Triad's rule: 90% of the map's range, at most 4 boxes
 
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = ()) -> Verdict:
+    def analyze(
+        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
+    ) -> Verdict:
+        """The CLIP expert's verdict; normal `references` are its few-shot memory. Product profiles belong to the
+        assistant's own expert, so a `profile` is refused."""
+        if profile is not None:
+            raise UsageError(
+                f"the CLIP expert has no product profiles (asked for {profile!r}): give normal reference images, "
+                "or inspect with the model's own expert (--expert model)"
+            )
         image = load_image(image, "image")
         score, heatmap = self.expert.score(image, load_references(references))
         return Verdict.decided(score, self.threshold, heatmap, self.boxes(heatmap), image.size, expert_score=score)

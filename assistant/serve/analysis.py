@@ -4,7 +4,8 @@ vLLM runs the model in its engine processes and returns text, so the verdict's s
 are computed here by the same `encode_images` code (`checkpoint.load_image_side`: the vision tower,
 projector, expert and the three adverb rows of the LLM's token embeddings). ROI tokens only feed the LLM, so
 this copy runs with them off and skips their second vision pass. The decision's P(Yes) comes from the served
-LLM (`inspection.ServerEngine`); the domain check from the checkpoint's `domain.safetensors`.
+LLM (`inspection.ServerEngine`); the domain check from the checkpoint's `domain.safetensors`; product profiles
+from its `profiles/` folder (`assistant.profiles`).
 """
 
 from __future__ import annotations
@@ -26,4 +27,4 @@ def analysis_engine(path: str | Path, config: AssistantConfig, dtype: torch.dtyp
     config.apply_settings(Settings(roi={"enabled": False}))
     image_side, processor = load_image_side(path, config, dtype)
     domain = DomainModel.load(path, config.vision_config.hidden_size)
-    return ImageAnalyzer(image_side.to(device), processor, domain=domain)
+    return ImageAnalyzer(image_side.to(device), processor, domain=domain, profiles=path)

@@ -1,5 +1,10 @@
-"""`vllm.endpoint_plugins` entry point: POST /v1/inspect, the full Verdict beside chat completions, and
-GET /v1/model-card, what the served model is (`card.ModelCard`; 404 when its checkpoint has none).
+"""`vllm.endpoint_plugins` entry point: POST /v1/inspect, the full Verdict beside chat completions,
+GET /v1/model-card, what the served model is (`card.ModelCard`; 404 when its checkpoint has none), and
+GET /v1/profiles, the product profiles enrolled in the served checkpoint (`anomaly-assistant enroll NAME --images DIR
+--model CKPT`): `{"object": "list", "data": [{"name": ..., "description": ...}]}`, empty when it has none.
+
+An inspect request names at most one profile (`profile`), instead of `reference_urls`: an unknown profile, one
+made with another model, or a profile with references is refused with 400 and the reason (`param: "profile"`).
 
 vLLM's API server loads it only when its name is in VLLM_PLUGINS (`anomaly-assistant serve` sets that).
 The route sits inside vLLM's middleware, so the server's key guards it like every route (`auth.py`), its
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import State
 from vllm.engine.protocol import EngineClient
@@ -25,6 +30,7 @@ from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 
 from ..card import ModelCard
 from ..config import AssistantConfig
+from ..profiles import Profile, ProfileError, profile_names
 from ..prompts import INSPECTION_QUESTION
 from ..verdict import Verdict
 from .analysis import analysis_engine
@@ -42,6 +48,11 @@ class InspectRequest(BaseModel):
     reference_urls: list[str] = Field(default_factory=list, description="normal images of the same object, likewise")
     question: str | None = Field(None, description=f"default: {INSPECTION_QUESTION!r}")
     max_tokens: int = Field(256, ge=0, description="length of the reasoning; 0 = the expert's analysis only")
+    profile: str | None = Field(
+        None,
+        description="the name of a product profile enrolled in the served checkpoint (GET /v1/profiles), whose normal "
+        "images and threshold then decide; instead of reference_urls",
+    )
 
 
 class Inspector:
@@ -77,9 +88,25 @@ class Inspector:
                 self._engine = ServerEngine(analyst, self.chat, self.names[0], asyncio.get_running_loop())
         return self._engine
 
+    def profiles(self) -> list[dict[str, str]]:
+        """Name and description of each profile in the served checkpoint's folder (read afresh: a profile enrolled
+        while the server runs is listed; a damaged one says why)."""
+        if not Path(self.model_path).is_dir():
+            return []
+        listed = []
+        for name in profile_names(self.model_path):
+            try:
+                description = Profile.load(self.model_path, name).describe()
+            except ProfileError as error:
+                description = f"{name}: unusable ({error})"
+            listed.append({"name": name, "description": description})
+        return listed
+
     async def verdict(self, request: InspectRequest) -> Verdict:
         if request.model is not None and request.model not in self.names:
             raise VLLMNotFoundError(f"The model `{request.model}` does not exist.")
+        if request.profile is not None and request.reference_urls:
+            raise VLLMValidationError("give normal reference images or a profile, not both", parameter="profile")
         if 1 + len(request.reference_urls) > self.max_images:
             raise VLLMValidationError(
                 f"At most {self.max_images} image(s) may be provided in one request "
@@ -94,7 +121,11 @@ class Inspector:
                 read_image(url, self.policy, name=f"reference {i + 1}").media
                 for i, url in enumerate(request.reference_urls)
             ]
-            return engine.verdict(image, references, request.question or INSPECTION_QUESTION, request.max_tokens)
+            question = request.question or INSPECTION_QUESTION
+            try:
+                return engine.verdict(image, references, question, request.max_tokens, profile=request.profile)
+            except ProfileError as error:  # unknown, damaged or another model's: the client's to fix
+                raise VLLMValidationError(str(error), parameter="profile") from error
 
         return await asyncio.to_thread(run)
 
@@ -117,6 +148,11 @@ class InspectPlugin:
             if card is None:
                 raise VLLMNotFoundError("the served checkpoint has no model card (model_card.json)")
             return Response(card.model_dump_json(), media_type="application/json")
+
+        @router.get("/v1/profiles")
+        async def profiles(raw_request: Request) -> JSONResponse:
+            listed = await asyncio.to_thread(raw_request.app.state.anomaly_inspector.profiles)
+            return JSONResponse({"object": "list", "data": listed})
 
         app.include_router(router)
 

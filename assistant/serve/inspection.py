@@ -3,6 +3,8 @@
 `ServerEngine` is an `Engine` whose analysis comes from the image side loaded in the API-server process
 (`analysis.py`) and whose answers go through the server's own chat-completions handler, so the
 reasoning has exactly the tokens a chat client (`assistant.client.EndpointEngine`) gets for the same conversation.
+A product profile is named in the request and read from the served checkpoint's `profiles/` folder
+(`ImageAnalyzer.profile`; one made with another model is refused with `profiles.ProfileError`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from vllm.exceptions import GracefulHTTPError
 
 from ..client import continuation_options, to_messages
 from ..engine import Conversation, ImageAnalyzer, choice_token_ids, inspect, yes_probability
+from ..profiles import ProfileError
 from ..verdict import Verdict
 
 
@@ -33,8 +36,16 @@ class ServerEngine:
         self.model = model
         self.loop = loop
 
-    def analyze(self, image: Image.Image, references: Sequence[Image.Image] = ()) -> Verdict:
-        return self.analyst.decide(image, references, yes_probability(self, image, references))
+    def analyze(
+        self, image: Image.Image, references: Sequence[Image.Image] = (), profile: str | None = None
+    ) -> Verdict:
+        """The decided verdict; a `profile` (by name) is resolved before the LLM is asked anything."""
+        chosen = None
+        if profile is not None:
+            if references:
+                raise ProfileError("give normal reference images or a profile, not both")
+            chosen = self.analyst.profile(profile)
+        return self.analyst.decide(image, references, yes_probability(self, image, references), chosen)
 
     def _run(self, coroutines: list) -> list:
         """Blocking: call it from a worker thread, never from the event loop it waits on."""
@@ -83,9 +94,14 @@ class ServerEngine:
         return dict(zip(choices, values.tolist()))
 
     def verdict(
-        self, image: Image.Image, references: Sequence[Image.Image], question: str, max_new_tokens: int
+        self,
+        image: Image.Image,
+        references: Sequence[Image.Image],
+        question: str,
+        max_new_tokens: int,
+        profile: str | None = None,
     ) -> Verdict:
         """`engine.inspect`; with max_new_tokens == 0 the decided verdict alone (no reasoning, no defect name)."""
         if max_new_tokens > 0:
-            return inspect(self, image, references, question, max_new_tokens)
-        return self.analyze(image, references)
+            return inspect(self, image, references, question, max_new_tokens, profile=profile)
+        return self.analyze(image, references, profile)

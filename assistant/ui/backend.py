@@ -2,6 +2,10 @@
 
 With no model given and no demo model installed, the app still starts on a tiny random model, so every
 part of the UI works; `notice` then says plainly that its verdicts and answers mean nothing.
+
+`profiles` are the product profiles the backend can use, read once at start: the checkpoint folder's
+(`profiles.profile_names`), or what the project's server lists (`GET /v1/profiles`); none for the tiny random
+model, a plain chat server or an endpoint that was unreachable at start.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from ..defaults import MODEL_ENV, default_model_path, resolve_model
 from ..engine import Engine, LocalEngine
 from ..errors import UsageError
 from ..factory import tiny_assistant
+from ..profiles import profile_names
 from .examples import Example, model_examples
 
 NO_WEIGHTS_NOTICE = (
@@ -31,6 +36,7 @@ class Backend:
     notice: str | None = None  # a warning the UI must show prominently
     card: ModelCard | None = None  # what the model is; shown in the header
     examples: list[Example] = field(default_factory=list)  # the model's own examples (else drawn ones)
+    profiles: tuple[str, ...] = ()  # names of the product profiles the engine can use
 
 
 def load_backend(
@@ -53,11 +59,17 @@ def load_backend(
         from ..client import EndpointEngine, EndpointError  # needs the openai client: imported only when asked for
 
         engine = EndpointEngine(endpoint, served_model, api_key=api_key)
+        profiles: tuple[str, ...] = ()
         try:
             card = engine.model_card()
         except EndpointError:  # down for now: the app starts, and each question reports the endpoint's state
             card = unknown_card(f"{served_model} (model card unavailable: the endpoint was unreachable at start)")
-        return Backend(engine, f"served model `{served_model}` at {endpoint}", card=card)
+        else:
+            try:
+                profiles = tuple(name for name, _ in engine.profiles() or ())  # None: not our server, or older
+            except EndpointError:  # answered the card but not the list: offer no profiles
+                pass
+        return Backend(engine, f"served model `{served_model}` at {endpoint}", card=card, profiles=profiles)
     if model is None and not os.environ.get(MODEL_ENV) and default_model_path() is None:
         model, processor = tiny_assistant()
         if settings:
@@ -69,4 +81,5 @@ def load_backend(
     engine = LocalEngine.from_pretrained(path, device=device, settings=settings)
     card = ModelCard.load(path)
     description = f"in-process model `{path}` on {engine.device}"
-    return Backend(engine, description, card=card, examples=model_examples(path, card))
+    examples = model_examples(path, card)
+    return Backend(engine, description, card=card, examples=examples, profiles=tuple(profile_names(path)))

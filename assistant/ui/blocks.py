@@ -1,12 +1,16 @@
 """The app's layout and wiring: uploads and chat on the left, the verdict panel on the right.
 
 Every event has an `elem_id`-addressable component and a stable API name (`/chat`, `/reblend`, `/reset`),
-so the browser test and gradio_client drive exactly what a user sees.
+so the browser test and gradio_client drive exactly what a user sees. `/chat` takes the question, the image, the
+reference, the heatmap opacity and the product profile (optional: default none).
+
+The "Product profile" picker (`#profile`) lists the backend's enrolled profiles (`Backend.profiles`, read at
+start); it is hidden when there are none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -15,7 +19,7 @@ from gradio_client.utils import is_http_url_like
 from ..card import ModelCard
 from ..engine import Engine
 from .examples import EXAMPLES_DIR, Example, write_examples
-from .handlers import ChatHandlers, clear_chat, reset, unlock_question
+from .handlers import NO_PROFILE, ChatHandlers, clear_chat, reset, unlock_question
 
 TITLE = "Anomaly inspection assistant"
 INTRO = (
@@ -61,9 +65,11 @@ def build_demo(
     max_new_tokens: int = 256,
     card: ModelCard | None = None,
     examples: list[Example] | None = None,
+    profiles: Sequence[str] = (),
 ) -> gr.Blocks:
     """The chat app around `engine`; `notice` is shown as a banner (e.g. that no trained weights were found),
-    `card` in the header; `examples` are the model's own (default: parts drawn in code)."""
+    `card` in the header; `examples` are the model's own (default: parts drawn in code); `profiles` are the
+    product profiles the engine can use (the picker is hidden without any)."""
     handlers = ChatHandlers(engine, max_new_tokens)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
@@ -81,6 +87,15 @@ def build_demo(
                 with gr.Row():
                     image = _upload("Image to inspect", "image")
                     reference = _upload("Normal reference (optional)", "reference")
+                profile = gr.Dropdown(
+                    choices=[("none", NO_PROFILE), *((name, name) for name in profiles)],
+                    value=NO_PROFILE,
+                    label="Product profile",
+                    info="an enrolled product's normal look decides instead of a reference upload",
+                    visible=bool(profiles),
+                    interactive=True,
+                    elem_id="profile",
+                )
                 chatbot = gr.Chatbot(
                     label="Chat", height=420, buttons=["copy", "copy_all"], feedback_options=None, elem_id="chatbot"
                 )
@@ -120,7 +135,7 @@ def build_demo(
         chat_view = [chatbot, label, domain, heatmap, rois, session]
         question.submit(
             handlers.chat,
-            [question, image, reference, opacity, session],
+            [question, image, reference, opacity, profile, session],
             [chatbot, question, label, domain, heatmap, rois, session],
             api_name="chat",
             preprocess=False,
@@ -132,6 +147,7 @@ def build_demo(
         opacity.release(handlers.reblend, [opacity, session], heatmap, api_name="reblend", show_progress="hidden")
         reset_button.click(reset, None, [*chat_view, question, image, reference], api_name="reset")
         chatbot.clear(clear_chat, None, chat_view, api_visibility="private", show_progress="hidden")
+        profile.change(clear_chat, None, chat_view, api_visibility="private", show_progress="hidden")
         for upload in (image, reference):
             upload.change(
                 handlers.new_uploads,

@@ -8,6 +8,10 @@ with the traceback in the app's log.
 A session keeps only what the panel shows, at display size, and the chat text: a 64-megapixel upload
 costs it about 4 MB, not 450 MB. Later turns read the image again from Gradio's upload cache (the engine
 finds its encoding in its own cache by the pixels' digest).
+
+A product profile chosen in the "Product profile" picker (`NO_PROFILE`: none) goes into `engine.analyze`; it
+is part of what a session is about, so choosing another one starts a new conversation with a fresh verdict. A
+profile and a reference upload together are refused with a message (`PROFILE_AND_REFERENCE`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,24 @@ from ..engine import Conversation, Engine, agreeing_stream
 from ..errors import AssistantError, one_line
 from ..image_io import ImageError, load_image, load_references
 from ..prompts import INSPECTION_QUESTION
-from .views import Preview, chat_history, domain_notice, make_preview, overlay, regions, verdict_label
+from .views import (
+    Preview,
+    chat_history,
+    domain_notice,
+    make_preview,
+    overlay,
+    profile_notice,
+    regions,
+    verdict_label,
+)
 
 T = TypeVar("T")
 NO_IMAGE = "Upload an image to inspect first (the “Image to inspect” box)."
+NO_PROFILE = "(none)"  # the picker's value for "no profile": no profile name can start with "("
+PROFILE_AND_REFERENCE = (
+    "Choose either a normal reference image or a product profile, not both: remove the reference upload, or set "
+    "“Product profile” to none."
+)
 logger = logging.getLogger(__name__)
 
 
@@ -44,6 +62,12 @@ class Session:
     uploads: tuple[str, str | None]  # cache paths of the query and reference uploads (content-addressed)
     messages: tuple[dict[str, str], ...]  # finished turns, as in `Conversation.messages`
     preview: Preview
+    profile: str | None = None  # the product profile the verdict was decided with
+
+
+def chosen_profile(choice: str | None) -> str | None:
+    """The picker's value as a profile name (None: no profile)."""
+    return None if choice in (None, "", NO_PROFILE) else choice
 
 
 def _upload_path(upload: dict | None) -> str | None:
@@ -62,7 +86,10 @@ def _panel(session: Session, opacity: float, folder: Path) -> tuple:
     base, annotations = regions(session.preview)
     base.save(rois, format="PNG")
     verdict = session.preview.verdict
-    return verdict_label(verdict), domain_notice(verdict), str(heatmap), (str(rois), annotations)
+    notice = domain_notice(verdict)
+    if session.profile is not None:
+        notice += f"\n\n{profile_notice(session.profile, verdict)}"
+    return verdict_label(verdict), notice, str(heatmap), (str(rois), annotations)
 
 
 def _conversation(uploads: tuple[str, str | None], messages: list[dict[str, str]]) -> Conversation:
@@ -133,10 +160,14 @@ class ChatHandlers:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
 
-    def _start(self, conversation: Conversation, uploads: tuple[str, str | None]) -> Session:
-        """A new session: the decided verdict, kept only as the panel shows it."""
-        verdict = self.engine.analyze(conversation.image, conversation.references)
-        return Session(uploads, (), make_preview(conversation.image, verdict))
+    def _start(self, conversation: Conversation, uploads: tuple[str, str | None], profile: str | None) -> Session:
+        """A new session: the decided verdict (with the product profile, if one is chosen), kept only as the panel
+        shows it."""
+        if profile is None:  # the two-argument call: any Engine, profiles or not
+            verdict = self.engine.analyze(conversation.image, conversation.references)
+        else:
+            verdict = self.engine.analyze(conversation.image, conversation.references, profile=profile)
+        return Session(uploads, (), make_preview(conversation.image, verdict), profile)
 
     @reported
     def chat(
@@ -145,6 +176,7 @@ class ChatHandlers:
         image: dict | None,
         reference: dict | None,
         opacity: float,
+        profile: str | None,
         session: Session | None,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
@@ -153,22 +185,26 @@ class ChatHandlers:
         The question box is emptied and locked while the answer streams (`unlock_question` follows every
         turn): a second question sent meanwhile would start from the session as it was before this turn.
         A question about the uploads of the current session continues it (the engine reuses the encoded
-        image); new uploads start a new conversation with a fresh verdict. Answers agree with the verdict
-        (`engine.agreeing_stream`): a follow-up may discuss it, not flip it. The session is only replaced
-        by the last yield, so a failed turn leaves it as it was. That last yield repeats every output:
-        API clients receive only the final tuple, and `gr.skip()` placeholders would reach them as-is.
+        image); new uploads or another product profile (`profile`, the picker's value) start a new conversation
+        with a fresh verdict. Answers agree with the verdict (`engine.agreeing_stream`): a follow-up may discuss
+        it, not flip it. The session is only replaced by the last yield, so a failed turn leaves it as it was.
+        That last yield repeats every output: API clients receive only the final tuple, and `gr.skip()`
+        placeholders would reach them as-is.
         """
         question = (question or "").strip() or INSPECTION_QUESTION
         uploads = (_upload_path(image), _upload_path(reference))
+        profile = chosen_profile(profile)
         if uploads[0] is None:
             raise gr.Error(NO_IMAGE, print_exception=False)
-        continues = session is not None and session.uploads == uploads
+        if profile is not None and uploads[1] is not None:
+            raise gr.Error(PROFILE_AND_REFERENCE, print_exception=False)
+        continues = session is not None and session.uploads == uploads and session.profile == profile
         conversation = _conversation(uploads, [*session.messages] if continues else []).ask(question)
         if continues:
             turn = session
         else:
             progress(None, desc="Analysing the image…")
-            turn = self._start(conversation, uploads)
+            turn = self._start(conversation, uploads, profile)
         skip, locked = gr.skip(), gr.Textbox(value="", interactive=False)
         folder = Path(tempfile.mkdtemp(prefix="anomaly-assistant-panel-"))  # this turn's panel files
         try:

@@ -68,6 +68,13 @@ def domain_notice(verdict: Verdict) -> str:
     return f"In domain (domain score {verdict.domain_score:.2f}): the image looks like the model's training images."
 
 
+def profile_notice(profile: str, verdict: Verdict) -> str:
+    """What the product profile did: the query was compared with its normal images."""
+    distance = verdict.reference_distance
+    distance = "" if distance is None else f" (farthest patch distance {distance:.3f})"
+    return f"Compared with product profile **{profile}**{distance}, at the profile's own threshold."
+
+
 def overlay(preview: Preview, opacity: float) -> Image.Image:
     return blend_heatmap(preview.image, preview.verdict.heatmap, opacity, preview.verdict.boxes)
 
