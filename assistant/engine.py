@@ -257,7 +257,7 @@ def _image_key(images: Sequence[Image.Image], profile: Profile | None = None) ->
         digest.update(f"{image.size}".encode())
         digest.update(image.tobytes())
     if profile is not None:
-        digest.update(f"profile:{profile.name}:{profile.created}".encode())
+        digest.update(f"profile:{profile.uid}".encode())
     return digest.hexdigest()
 
 

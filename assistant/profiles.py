@@ -7,10 +7,13 @@ images (`domain.DomainModel`, when there are enough), and a decision threshold s
 With a profile every query is compared with the bank (`config.ReferenceConfig`), so the verdict's score,
 heatmap and boxes reflect that product's normal look.
 
-The threshold: a share of the images (`THRESHOLD_SHARE`, at least one) is held out, scored as queries against a
-bank of the others, and the threshold lies just above the (1 - false_alarm_rate) quantile of their verdict
-scores (an observed score, numpy's "higher"), so about that share of normal images is flagged. With fewer than
-1/false_alarm_rate held-out images that quantile is their highest score, so enrol more images for a low rate.
+The knee and the threshold: a share of the images (`THRESHOLD_SHARE`, at least one) is held out and compared, as
+queries, with a bank of the others. The (1 - false_alarm_rate) quantile of their largest patch distances is the
+profile's own `shift` (`config.ReferenceConfig`: distances up to it are what this product's normal images show;
+a large bank's normal distances are smaller than a single reference's). The threshold then lies just above the
+(1 - false_alarm_rate) quantile of their verdict scores (an observed score, numpy's "higher"), so about that share
+of normal images is flagged. With fewer than 1/false_alarm_rate held-out images that quantile is their highest
+score, so enrol more images for a low rate.
 The bank that is saved then holds every image; held-out images scored against it would score lower, so the
 measured rate errs on the safe side.
 
@@ -26,8 +29,9 @@ import json
 import random
 import re
 import shutil
+import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,11 +107,14 @@ class Profile:
     source: str
     created: str
     domain: DomainModel | None = None
+    # One identity per profile object (never saved): what caches of its analyses are keyed by.
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     def describe(self) -> str:
         domain = self.domain.describe() if self.domain else "no domain statistics (too few images)"
         return (
-            f"{self.name}: {self.num_images} normal images ({self.source}), {len(self.bank)} patches, threshold "
+            f"{self.name}: {self.num_images} normal images ({self.source}), {len(self.bank)} patches, knee "
+            f"{self.bank.shift if self.bank.shift is not None else float('nan'):.3f}, threshold "
             f"{self.threshold:.3f} for {self.false_alarm_rate:.0%} false alarms (set on {self.num_threshold_images} "
             f"held-out images); domain: {domain}"
         )
@@ -123,7 +130,8 @@ class Profile:
             self.domain.save(folder)
         else:
             (folder / "domain.safetensors").unlink(missing_ok=True)
-        record = {k: v for k, v in asdict(self).items() if k not in ("bank", "domain")}
+        record = {k: v for k, v in asdict(self).items() if k not in ("bank", "domain", "uid")}
+        record["shift"] = self.bank.shift
         write_text_atomic(folder / PROFILE_FILE, json.dumps({"format": FORMAT_VERSION, **record}, indent=1) + "\n")
         return folder
 
@@ -140,8 +148,8 @@ class Profile:
         try:
             record = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
             tensors = load_file(str(folder / BANK_FILE))
-            bank = PatchBank(tensors["overview"].float(), tensors["tiles"].float())
-            fields = {k: record[k] for k in cls.__dataclass_fields__ if k not in ("bank", "domain")}
+            bank = PatchBank(tensors["overview"].float(), tensors["tiles"].float(), record["shift"])
+            fields = {k: record[k] for k in cls.__dataclass_fields__ if k not in ("bank", "domain", "uid")}
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             raise ProfileError(f"{folder}: damaged profile ({type(error).__name__}: {error}); enrol it again") from None
         if fingerprint is not None and fields["fingerprint"] != fingerprint:
@@ -202,27 +210,32 @@ def enroll(
     fingerprint = image_side_fingerprint(engine.model)
     common = {"name": name, "false_alarm_rate": false_alarm_rate, "fingerprint": fingerprint, "source": source}
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    trial = Profile(
-        bank=normal_bank(engine, bank_paths, "memory bank (threshold)"),
-        threshold=1.0,
-        num_images=len(bank_paths),
-        num_threshold_images=0,
-        created=created,
-        **common,
-    )
+    held_out = [load_image(path) for path in threshold_paths]
+    bank = normal_bank(engine, bank_paths, "memory bank (threshold)")
+
+    def trial(shift: float | None) -> Profile:
+        kept = PatchBank(bank.overview, bank.tiles, shift)
+        return Profile(
+            bank=kept, threshold=1.0, num_images=len(bank_paths), num_threshold_images=0, created=created, **common
+        )
+
+    unset = trial(None)
+    distances = [float(engine.encode([image], unset).analysis.reference.image_distances[0]) for image in held_out]
+    knee = float(np.quantile(distances, 1.0 - false_alarm_rate, method="higher"))
+    with_knee = trial(knee)
     scores = []
-    for path in tqdm(threshold_paths, desc="threshold", unit="image", disable=len(threshold_paths) < 2):
-        image = load_image(path)
-        scores.append(engine.decide(image, [], yes_probability(engine, image), trial).score)
+    for image in tqdm(held_out, desc="threshold", unit="image", disable=len(held_out) < 2):
+        scores.append(engine.decide(image, [], yes_probability(engine, image), with_knee).score)
     # "higher": an observed score; just above it, so the held-out image that sets it is itself called normal
     threshold = min(1.0, float(np.nextafter(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"), 2.0)))
     domain = None
     if len(bank_paths) >= MIN_IMAGES:
         fit = image_features(engine, bank_paths, "domain features (fit)")
-        held_out = image_features(engine, threshold_paths, "domain features (threshold)")
-        domain = DomainModel.fit(fit, held_out, source=source)
+        held_features = image_features(engine, held_out, "domain features (threshold)")
+        domain = DomainModel.fit(fit, held_features, source=source)
+    final = normal_bank(engine, shuffled, "memory bank")
     return Profile(
-        bank=normal_bank(engine, shuffled, "memory bank"),
+        bank=PatchBank(final.overview, final.tiles, knee),
         threshold=threshold,
         num_images=len(shuffled),
         num_threshold_images=held,

@@ -83,6 +83,9 @@ class PatchBank:
 
     overview: torch.Tensor  # [M, F]
     tiles: torch.Tensor  # [M', F]; empty when the normal images had no tiles
+    # The distance up to which this bank's own normal images reach (an enrolled profile measures it on held-out
+    # normals); None: the checkpoint's `reference.shift`, fitted for a few references.
+    shift: float | None = None
 
     @classmethod
     def from_features(cls, levels: list[torch.Tensor], crops_per_image: list[int], neighbourhood: int) -> PatchBank:
@@ -109,13 +112,14 @@ class PatchBank:
                 return rows
             return rows[torch.linspace(0, rows.shape[0] - 1, max_patches).round().long()]
 
-        return PatchBank(stride(self.overview), stride(self.tiles))
+        return PatchBank(stride(self.overview), stride(self.tiles), self.shift)
 
     def coreset(self, max_patches: int, seed: int = 0) -> PatchBank:
         """At most `max_patches` rows per scale, chosen by `greedy_coreset` (an enrolled profile)."""
         return PatchBank(
             self.overview[greedy_coreset(self.overview, max_patches, seed=seed)],
             self.tiles[greedy_coreset(self.tiles, max_patches, seed=seed)] if len(self.tiles) else self.tiles,
+            self.shift,
         )
 
     def distances(self, levels: list[torch.Tensor], crops_per_image: list[int], neighbourhood: int) -> torch.Tensor:

@@ -218,6 +218,8 @@ class ImageEncoderMixin:
         if bank is None:
             return final, analysis
         reference = self.config.reference
+        if bank.shift is not None:  # a profile's own knee, measured on its held-out normal images
+            reference = reference.model_copy(update={"shift": bank.shift})
         distances = bank.distances(query_levels, query_crops, reference.neighbourhood)
         evidence = ReferenceEvidence(distances, image_distances(distances, query_crops))
         maps, logits = fuse(expert.maps, expert.logits, evidence, query_crops, reference)

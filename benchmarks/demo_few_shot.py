@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out images of each class")
-    parser.add_argument("--shots", default="0,1,4", help="comma-separated reference counts")
+    parser.add_argument("--shots", default="0,1,4", help="comma-separated reference counts ('' for none)")
     parser.add_argument("--profile-images", type=int, default=None, help="enrol only N normal train images")
     parser.add_argument("--no-profile", action="store_true", help="leave out the enrolled-profile row")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,7 +93,7 @@ def main() -> None:
     images = {name: test[name][: args.limit] for name in CLASSES}
     normal_train = split_paths("train")["good"]
     rows = []
-    for shots in (int(k) for k in args.shots.split(",")):
+    for shots in (int(k) for k in args.shots.split(",") if k.strip()):
         references = draw_references(CATEGORY, normal_train, shots, args.seed)
         rows.append(measure(engine, images, references, None, f"{shots} reference(s)"))
     if not args.no_profile:

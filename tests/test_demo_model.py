@@ -28,6 +28,7 @@ LOCAL_COUNT = 40  # held-out local defects and as many normal images for the loc
 LOCAL_AUROC_FLOOR = 0.65  # normal vs local defects (measured 0.78 on these 80, 0.77 on all 300); the old recipe: 0.48
 PEAK_RADIUS = 16  # px on the 250 px images: one patch of the 256 px tiles
 PEAK_ON_SPECK_FLOOR = 0.3  # share of local defects with the heatmap peak on the speck (measured 0.60); chance ~0.01
+REFERENCE_PEAK_FLOOR = 0.5  # the same with one normal train image as reference (measured 0.65 on these 40)
 CALIBRATION_PER_CLASS = 40  # held-out images per class for the calibration check
 ECE_CEILING = 0.1  # on these 120 (measured 0.042 on all 400 held-out); the old uncalibrated raw sigmoid: 0.17
 DOMAIN_PER_CLASS = 20
@@ -79,6 +80,23 @@ def test_local_defects_score_higher_and_the_heatmap_points_at_them(engine):
         on_speck.append(np.hypot(*np.subtract(peak, speck_position(image))) <= PEAK_RADIUS)
     assert roc_auc_score([0] * LOCAL_COUNT + [1] * LOCAL_COUNT, normal + local) >= LOCAL_AUROC_FLOOR
     assert np.mean(on_speck) >= PEAK_ON_SPECK_FLOOR
+
+
+def test_a_normal_reference_keeps_the_heatmap_on_the_speck(engine):
+    """With one normal train image as reference the verdict's heatmap (the LTFM map fused with the patch
+    distances, `references.fuse`) still peaks on the speck, and the reference evidence is there."""
+    from data.textile import CATEGORY
+    from eval.datasets import draw_references
+
+    reference = [load_image(path) for path in draw_references(CATEGORY, split_paths("train")["good"], 1, 0)]
+    on_speck = []
+    for path in split_paths("test")["local_defect"][:LOCAL_COUNT]:
+        image = load_image(path)
+        analysis = engine.encode([*reference, image]).analysis
+        assert analysis.reference is not None
+        peak = np.unravel_index(int(analysis.heatmaps[0].argmax()), analysis.heatmaps[0].shape)
+        on_speck.append(np.hypot(*np.subtract(peak, speck_position(image))) <= PEAK_RADIUS)
+    assert np.mean(on_speck) >= REFERENCE_PEAK_FLOOR
 
 
 def test_chat_answers_detect_global_defects(engine, held_out):
