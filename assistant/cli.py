@@ -283,6 +283,13 @@ def cmd_enroll(args: argparse.Namespace) -> None:
             f"{path} already has a profile {args.name!r} (`anomaly-assistant profiles` describes it): give --replace "
             "to enrol it again, or choose another name"
         )
+    import os
+
+    from .profiles import PROFILES_DIR
+
+    writable = path / PROFILES_DIR if (path / PROFILES_DIR).is_dir() else path
+    if not os.access(writable, os.W_OK):
+        raise UsageError(f"{writable} is not writable: profiles are saved next to the model; copy the model first")
     images = image_paths(args.images)  # a missing folder or one without images is reported before the model loads
     if len(images) < 2:
         raise UsageError(f"a profile needs at least 2 normal images, found {len(images)} in {', '.join(args.images)}")

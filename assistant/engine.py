@@ -33,7 +33,7 @@ from .domain import DomainModel
 from .image_io import ImageInput, load_image, load_references
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
-from .profiles import Profile, ProfileError, image_side_fingerprint
+from .profiles import PROFILE_FILE, PROFILES_DIR, Profile, ProfileError, check_name, image_side_fingerprint
 from .prompts import (
     DECISION_QUESTIONS,
     DEFECT_QUESTION,
@@ -290,7 +290,8 @@ class ImageAnalyzer:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ImageEncoding] = OrderedDict()
         self._banks: OrderedDict[str, PatchBank] = OrderedDict()  # of reference image sets
-        self._profiles: dict[str, Profile] = {}
+        self._profiles: dict[str, tuple[tuple | None, Profile]] = {}  # name -> (profile.json's identity, profile)
+        self._profile_lock = threading.Lock()
         # One model call at a time; also guards the image cache. A plain Lock, not an RLock: a streaming generator
         # holds it across yields, and Gradio may resume the generator on another worker thread.
         self._lock = threading.Lock()
@@ -350,19 +351,32 @@ class ImageAnalyzer:
     def use_profile(self, profile: Profile) -> str:
         """Make a profile that lives elsewhere (e.g. an evaluation's) available by name; checked like a saved one."""
         if profile.fingerprint != image_side_fingerprint(self.model):
-            raise ProfileError(f"profile {profile.name!r} was made with another model; enrol it again with this one")
-        self._profiles[profile.name] = profile
+            raise ProfileError(
+                f"profile {profile.name!r} was made with another model or other settings; enrol it again with this one"
+            )
+        self._profiles[profile.name] = (None, replace(profile, bank=profile.bank.to(self.device)))
         return profile.name
 
     def profile(self, name: str) -> Profile:
-        """The enrolled profile `name` of this checkpoint (loaded once; one made with another model is refused)."""
-        if name not in self._profiles:
-            if self.profiles is None:
-                raise ProfileError("this backend has no checkpoint folder to read profiles from")
-            self._profiles[name] = Profile.load(
+        """The enrolled profile `name` of this checkpoint, on the model's device; read again when its file changed
+        (`enroll --replace` while a server runs); one made with another model or other settings is refused."""
+        check_name(name)
+        stamp = None
+        if self.profiles is not None:
+            described = self.profiles / PROFILES_DIR / name / PROFILE_FILE
+            status = described.stat() if described.is_file() else None
+            stamp = (status.st_ino, status.st_mtime_ns) if status else None  # written atomically: a new inode
+        cached = self._profiles.get(name)
+        if cached is not None and (cached[0] is None or cached[0] == stamp):  # None: given by `use_profile`
+            return cached[1]
+        if self.profiles is None:
+            raise ProfileError("this backend has no checkpoint folder to read profiles from")
+        with self._profile_lock:  # one reader per load, not one per waiting request
+            loaded = Profile.load(
                 self.profiles, name, image_side_fingerprint(self.model), self.model.config.vision_config.hidden_size
             )
-        return self._profiles[name]
+            self._profiles[name] = (stamp, replace(loaded, bank=loaded.bank.to(self.device)))
+        return self._profiles[name][1]
 
     def _roi_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
         """The external expert's map of the query (last image), the earlier images as its normal references."""
@@ -421,6 +435,8 @@ class LocalEngine(ImageAnalyzer):
     def analyze(
         self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
     ) -> Verdict:
+        if profile is not None and references:
+            raise ProfileError("give normal reference images or a profile, not both")
         image, references = load_image(image, "image"), load_references(references)
         chosen = None if profile is None else self.profile(profile)
         return self.decide(image, references, yes_probability(self, image, references), chosen)

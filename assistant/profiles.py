@@ -28,10 +28,9 @@ import hashlib
 import json
 import random
 import re
-import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .domain import MIN_IMAGES, DomainError, DomainModel, image_features
+from .domain import DOMAIN_FILE, MIN_IMAGES, DomainError, DomainModel, image_features
 from .errors import AssistantError
 from .files import atomic_path, write_text_atomic
 from .image_io import load_image
@@ -63,17 +62,26 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ProfileError(AssistantError, ValueError):
-    """A profile that does not exist, is damaged, or was made with another model."""
+    """A profile that does not exist, is damaged, or was made with another model or other settings."""
 
 
 def image_side_fingerprint(model: torch.nn.Module) -> str:
-    """A short digest of the image side's weights (names, shapes and an even sample of every tensor's values).
+    """A short digest of what a profile depends on: the image side's weights (names, shapes and an even sample of
+    every tensor's values) and the settings its bank, knee and threshold were made under (the expert's feature
+    levels, the vision layer, the `reference` and `decision` sections, fit descriptions aside).
 
     The values are rounded to bfloat16 first, so one model gives one fingerprint in whatever dtype it runs: a
     profile enrolled on a CPU in float32 is accepted by the same checkpoint on a GPU or a server in bfloat16."""
     from .vision import IMAGE_MODULES
 
-    digest = hashlib.sha256()
+    config = model.config
+    settings = {
+        "feature_layers": config.expert.feature_layers,
+        "vision_feature_layer": config.vision_feature_layer,
+        "reference": config.reference.model_dump(exclude={"fitted_on", "max_patches"}),
+        "decision": config.decision.model_dump(exclude={"fitted_on", "threshold"}),
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         name = name.removeprefix("model.")  # the full model's prefix; the server's image side has none
         if name.split(".")[0] not in IMAGE_MODULES:
@@ -129,8 +137,8 @@ class Profile:
         if self.domain is not None:
             self.domain.save(folder)
         else:
-            (folder / "domain.safetensors").unlink(missing_ok=True)
-        record = {k: v for k, v in asdict(self).items() if k not in ("bank", "domain", "uid")}
+            (folder / DOMAIN_FILE).unlink(missing_ok=True)
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bank", "domain", "uid")}
         record["shift"] = self.bank.shift
         write_text_atomic(folder / PROFILE_FILE, json.dumps({"format": FORMAT_VERSION, **record}, indent=1) + "\n")
         return folder
@@ -147,30 +155,28 @@ class Profile:
             )
         try:
             record = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
+            if record.get("format") != FORMAT_VERSION:
+                raise ValueError(f"format {record.get('format')!r}, this version reads {FORMAT_VERSION}")
             tensors = load_file(str(folder / BANK_FILE))
             bank = PatchBank(tensors["overview"].float(), tensors["tiles"].float(), record["shift"])
-            fields = {k: record[k] for k in cls.__dataclass_fields__ if k not in ("bank", "domain", "uid")}
+            stored = {k: record[k] for k in cls.__dataclass_fields__ if k not in ("bank", "domain", "uid")}
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             raise ProfileError(f"{folder}: damaged profile ({type(error).__name__}: {error}); enrol it again") from None
-        if fingerprint is not None and fields["fingerprint"] != fingerprint:
+        if fingerprint is not None and stored["fingerprint"] != fingerprint:
             raise ProfileError(
-                f"profile {name!r} was made with another model (fingerprint {fields['fingerprint']}, this model "
-                f"{fingerprint}); enrol it again with this model"
+                f"profile {name!r} was made with another model or other settings (fingerprint "
+                f"{stored['fingerprint']}, this model {fingerprint}); enrol it again with this model"
             )
         try:
             domain = DomainModel.load(folder, feature_dim)
         except DomainError as error:
             raise ProfileError(str(error)) from None
-        return cls(bank=bank, domain=domain, **fields)
+        return cls(bank=bank, domain=domain, **stored)
 
 
 def profile_names(model: str | Path) -> list[str]:
     root = Path(model) / PROFILES_DIR
     return sorted(p.parent.name for p in root.glob(f"*/{PROFILE_FILE}")) if root.is_dir() else []
-
-
-def remove_profile(model: str | Path, name: str) -> None:
-    shutil.rmtree(Path(model) / PROFILES_DIR / check_name(name), ignore_errors=True)
 
 
 def normal_bank(engine: LocalEngine, paths: Sequence[Path], description: str) -> PatchBank:

@@ -97,10 +97,6 @@ class PatchBank:
     def merged(cls, banks: list[PatchBank]) -> PatchBank:
         return cls(torch.cat([b.overview for b in banks]), torch.cat([b.tiles for b in banks]))
 
-    @property
-    def feature_dim(self) -> int:
-        return self.overview.shape[1]
-
     def __len__(self) -> int:
         return self.overview.shape[0] + self.tiles.shape[0]
 
@@ -134,6 +130,9 @@ class PatchBank:
             distance[~overview] = nearest_distance(features[~overview].flatten(0, 1), tiles).view(-1, patches)
         side = int(patches**0.5)
         return distance.view(crops, side, side)
+
+    def to(self, device: torch.device | str) -> PatchBank:
+        return PatchBank(self.overview.to(device), self.tiles.to(device), self.shift)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"overview": self.overview.contiguous(), "tiles": self.tiles.contiguous()}

@@ -207,7 +207,7 @@ def _with_profiles(scorer: Scorer, categories: list[Category], output: Path, arg
     available to the scorer's engine by the category's name."""
     if not args.profile_from:
         return scorer
-    from assistant.profiles import PROFILES_DIR, Profile, ProfileError, enroll, image_side_fingerprint
+    from assistant.profiles import PROFILE_FILE, PROFILES_DIR, Profile, ProfileError, enroll, image_side_fingerprint
 
     engine = scorer.engine
     fingerprint = image_side_fingerprint(engine.model)
@@ -215,7 +215,7 @@ def _with_profiles(scorer: Scorer, categories: list[Category], output: Path, arg
         try:
             profile = Profile.load(output, category.name, fingerprint, engine.model.config.vision_config.hidden_size)
         except ProfileError:
-            if (output / PROFILES_DIR / category.name).exists():
+            if (output / PROFILES_DIR / category.name / PROFILE_FILE).is_file():  # damaged or made otherwise
                 raise
             profile = enroll(engine, category.name, category.normal_train, source=f"{category.name} normal train")
             profile.save(output)

@@ -180,3 +180,26 @@ def test_the_hinge_fit_recovers_a_known_rule():
     assert slope == pytest.approx(6, rel=0.25) and knee == pytest.approx(0.4, abs=0.08)
     flat = (rng.uniform(size=4000) < 1 / (1 + np.exp(-offset))).astype(float)
     assert fit_hinge_logistic(distance, offset, flat)[0] < 1.0  # no evidence in the distance: no weight
+
+
+def test_a_profile_is_refused_under_other_settings_and_read_again_when_replaced(tiny_path, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_path, model)
+    engine = LocalEngine.from_pretrained(model, device="cpu")
+    paths = []
+    for index in range(4):
+        texture(70 + index).save(path := tmp_path / f"{index}.png")
+        paths.append(path)
+    enroll(engine, "weave", paths).save(model)
+    first = engine.profile("weave")
+    assert engine.profile("weave") is first  # read once
+    replaced = enroll(engine, "weave", paths[:3], false_alarm_rate=0.5)
+    replaced.save(model)
+    assert engine.profile("weave").num_images == 3  # the file changed: read again
+    other = LocalEngine.from_pretrained(model, device="cpu", settings=Settings(reference={"neighbourhood": 1}))
+    with pytest.raises(ProfileError, match="another model or other settings"):
+        other.analyze(texture(70), profile="weave")
+    with pytest.raises(ProfileError, match="not both"):
+        engine.analyze(texture(70), [texture(71)], profile="weave")
