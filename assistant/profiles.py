@@ -28,6 +28,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -41,9 +42,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .domain import DOMAIN_FILE, MIN_IMAGES, DomainError, DomainModel, image_features
+from .domain import MIN_IMAGES, DomainError, DomainModel, image_features
 from .errors import AssistantError
-from .files import atomic_path, write_text_atomic
+from .files import PARTIAL_SUFFIX, partial_dir, publish_dir
 from .image_io import load_image
 from .references import PatchBank
 
@@ -128,20 +129,20 @@ class Profile:
         )
 
     def save(self, model: str | Path) -> Path:
-        """Write `model/profiles/NAME/` (each file atomically; the JSON last, so a kill never leaves a profile
-        whose description points at a missing bank)."""
+        """Write `model/profiles/NAME/` as a whole: into a partial folder, then renamed into place (a kill, or a
+        reader during `enroll --replace`, sees the old profile or the new one, never a mix)."""
         folder = Path(model) / PROFILES_DIR / check_name(self.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / BANK_FILE) as temporary:
-            save_file({k: v.half() for k, v in self.bank.tensors().items()}, str(temporary))
+        partial = partial_dir(folder)
+        shutil.rmtree(partial, ignore_errors=True)  # a killed earlier save
+        partial.mkdir(parents=True)
+        save_file({k: v.half().cpu() for k, v in self.bank.tensors().items()}, str(partial / BANK_FILE))
         if self.domain is not None:
-            self.domain.save(folder)
-        else:
-            (folder / DOMAIN_FILE).unlink(missing_ok=True)
+            self.domain.save(partial)
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bank", "domain", "uid")}
         record["shift"] = self.bank.shift
-        write_text_atomic(folder / PROFILE_FILE, json.dumps({"format": FORMAT_VERSION, **record}, indent=1) + "\n")
-        return folder
+        text = json.dumps({"format": FORMAT_VERSION, **record}, indent=1) + "\n"
+        (partial / PROFILE_FILE).write_text(text, encoding="utf-8")
+        return publish_dir(partial, folder)
 
     @classmethod
     def load(cls, model: str | Path, name: str, fingerprint: str | None = None, feature_dim: int | None = None):
@@ -175,8 +176,12 @@ class Profile:
 
 
 def profile_names(model: str | Path) -> list[str]:
+    """The model's finished profiles (folders being written or replaced are not profiles)."""
     root = Path(model) / PROFILES_DIR
-    return sorted(p.parent.name for p in root.glob(f"*/{PROFILE_FILE}")) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    names = (p.parent.name for p in root.glob(f"*/{PROFILE_FILE}"))
+    return sorted(n for n in names if not n.endswith((PARTIAL_SUFFIX, ".previous")))
 
 
 def normal_bank(engine: LocalEngine, paths: Sequence[Path], description: str) -> PatchBank:

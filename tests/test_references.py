@@ -139,6 +139,11 @@ def test_a_profile_round_trips_and_refuses_another_model(engine, tiny_path, tmp_
     model = tmp_path / "model"
     folder = profile.save(model)
     assert profile_names(model) == ["weave"]
+    (model / "profiles" / "weave.partial").mkdir()  # a killed save: not a profile, cleared by the next save
+    (model / "profiles" / "weave.partial" / "profile.json").write_text("{}")
+    assert profile_names(model) == ["weave"]
+    profile.save(model)
+    assert not (model / "profiles" / "weave.partial").exists()
     loaded = Profile.load(model, "weave", profile.fingerprint, engine.model.config.vision_config.hidden_size)
     assert torch.allclose(loaded.bank.overview, profile.bank.overview, atol=1e-2)  # stored in half precision
     assert loaded.threshold == profile.threshold and loaded.domain.threshold == profile.domain.threshold
