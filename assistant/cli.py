@@ -301,22 +301,11 @@ def cmd_enroll(args: argparse.Namespace) -> None:
     print(folder)
 
 
-def profile_descriptions(path) -> list[tuple[str, str]]:
-    """(name, description) of each profile in the model folder `path`; a damaged one says why."""
-    from .profiles import Profile, ProfileError, profile_names
-
-    described = []
-    for name in profile_names(path):
-        try:
-            described.append((name, Profile.load(path, name).describe()))
-        except ProfileError as error:
-            described.append((name, f"{name}: unusable ({error})"))
-    return described
-
-
 def cmd_profiles(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
-    described = profile_descriptions(path)
+    from .profiles import describe_profiles
+
+    described = describe_profiles(path)
     if not described:
         print(
             f"{path} has no product profiles; make one from normal images of a product with "

@@ -192,16 +192,22 @@ class EndpointEngine:
 
         return self._map(distribution, conversations)
 
-    def model_card(self) -> ModelCard | None:
-        """The served model's card from our server's `GET {base_url}/model-card`; None if it has none, or the
-        endpoint is not our server (a plain chat server lacks the route)."""
+    def _optional_get(self, route: str) -> object | None:
+        """The JSON of one of our server's GET routes; None when the endpoint has no such route (HTTP 404)."""
         try:
             with self._errors():
-                payload = self.client.get("/model-card", cast_to=object)
+                return self.client.get(route, cast_to=object)
         except EndpointError as error:
             if isinstance(error.__cause__, openai.NotFoundError):
                 return None
             raise
+
+    def model_card(self) -> ModelCard | None:
+        """The served model's card from our server's `GET {base_url}/model-card`; None if it has none, or the
+        endpoint is not our server (a plain chat server lacks the route)."""
+        payload = self._optional_get("/model-card")
+        if payload is None:
+            return None
         try:
             return ModelCard.model_validate(payload)
         except ValidationError as error:
@@ -212,13 +218,9 @@ class EndpointEngine:
     def profiles(self) -> list[tuple[str, str]] | None:
         """(name, description) of the served checkpoint's product profiles from our server's
         `GET {base_url}/profiles`; None if the endpoint has no such route (a plain chat server, an older one)."""
-        try:
-            with self._errors():
-                payload = self.client.get("/profiles", cast_to=object)
-        except EndpointError as error:
-            if isinstance(error.__cause__, openai.NotFoundError):
-                return None
-            raise
+        payload = self._optional_get("/profiles")
+        if payload is None:
+            return None
         try:
             return [(str(item["name"]), str(item.get("description", ""))) for item in payload["data"]]
         except (TypeError, KeyError) as error:

@@ -33,7 +33,15 @@ from .domain import DomainModel
 from .image_io import ImageInput, load_image, load_references
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
-from .profiles import PROFILE_FILE, PROFILES_DIR, Profile, ProfileError, check_name, image_side_fingerprint
+from .profiles import (
+    PROFILE_FILE,
+    PROFILES_DIR,
+    Profile,
+    ProfileError,
+    check_name,
+    check_one_source,
+    image_side_fingerprint,
+)
 from .prompts import (
     DECISION_QUESTIONS,
     DEFECT_QUESTION,
@@ -308,8 +316,7 @@ class ImageAnalyzer:
 
     def _encode(self, images: Sequence[Image.Image], profile: Profile | None = None) -> ImageEncoding:
         """`encode` for a caller that holds the lock."""
-        if profile is not None and len(images) > 1:
-            raise ProfileError("give normal reference images or a profile, not both")
+        check_one_source(images[:-1], profile)
         key = _image_key(images, profile)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -435,8 +442,7 @@ class LocalEngine(ImageAnalyzer):
     def analyze(
         self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
     ) -> Verdict:
-        if profile is not None and references:
-            raise ProfileError("give normal reference images or a profile, not both")
+        check_one_source(references, profile)  # before any model call
         image, references = load_image(image, "image"), load_references(references)
         chosen = None if profile is None else self.profile(profile)
         return self.decide(image, references, yes_probability(self, image, references), chosen)

@@ -94,6 +94,24 @@ def image_side_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_one_source(references: Sequence[object], profile: object | None) -> None:
+    """Normal references come from reference images or from a profile, never both (every engine and the server)."""
+    if profile is not None and references:
+        raise ProfileError("give normal reference images or a profile, not both")
+
+
+def describe_profiles(model: str | Path) -> list[tuple[str, str]]:
+    """(name, description) of each of the model's profiles; a damaged one says why (the CLI's and the server's
+    listing)."""
+    described = []
+    for name in profile_names(model):
+        try:
+            described.append((name, Profile.load(model, name).describe()))
+        except ProfileError as error:
+            described.append((name, f"{name}: unusable ({error})"))
+    return described
+
+
 def check_name(name: str) -> str:
     if not NAME.match(name):
         raise ProfileError(

@@ -30,7 +30,7 @@ from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 
 from ..card import ModelCard
 from ..config import AssistantConfig
-from ..profiles import Profile, ProfileError, profile_names
+from ..profiles import ProfileError, check_one_source, describe_profiles
 from ..prompts import INSPECTION_QUESTION
 from ..verdict import Verdict
 from .analysis import analysis_engine
@@ -93,20 +93,15 @@ class Inspector:
         while the server runs is listed; a damaged one says why)."""
         if not Path(self.model_path).is_dir():
             return []
-        listed = []
-        for name in profile_names(self.model_path):
-            try:
-                description = Profile.load(self.model_path, name).describe()
-            except ProfileError as error:
-                description = f"{name}: unusable ({error})"
-            listed.append({"name": name, "description": description})
-        return listed
+        return [{"name": name, "description": text} for name, text in describe_profiles(self.model_path)]
 
     async def verdict(self, request: InspectRequest) -> Verdict:
         if request.model is not None and request.model not in self.names:
             raise VLLMNotFoundError(f"The model `{request.model}` does not exist.")
-        if request.profile is not None and request.reference_urls:
-            raise VLLMValidationError("give normal reference images or a profile, not both", parameter="profile")
+        try:
+            check_one_source(request.reference_urls, request.profile)  # before any image is read
+        except ProfileError as error:
+            raise VLLMValidationError(str(error), parameter="profile") from error
         if 1 + len(request.reference_urls) > self.max_images:
             raise VLLMValidationError(
                 f"At most {self.max_images} image(s) may be provided in one request "

@@ -22,7 +22,7 @@ from vllm.exceptions import GracefulHTTPError
 
 from ..client import continuation_options, to_messages
 from ..engine import Conversation, ImageAnalyzer, choice_token_ids, inspect, yes_probability
-from ..profiles import ProfileError
+from ..profiles import check_one_source
 from ..verdict import Verdict
 
 
@@ -40,11 +40,8 @@ class ServerEngine:
         self, image: Image.Image, references: Sequence[Image.Image] = (), profile: str | None = None
     ) -> Verdict:
         """The decided verdict; a `profile` (by name) is resolved before the LLM is asked anything."""
-        chosen = None
-        if profile is not None:
-            if references:
-                raise ProfileError("give normal reference images or a profile, not both")
-            chosen = self.analyst.profile(profile)
+        check_one_source(references, profile)
+        chosen = None if profile is None else self.analyst.profile(profile)
         return self.analyst.decide(image, references, yes_probability(self, image, references), chosen)
 
     def _run(self, coroutines: list) -> list:
