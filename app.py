@@ -14,16 +14,18 @@ import argparse
 import os
 import sys
 
+from assistant.defaults import MODEL_HELP
 from assistant.options import add_settings_argument, run_settings
 
-# Read when gradio and huggingface_hub are imported: no version checks, analytics or telemetry.
-OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
+# Read when gradio and huggingface_hub are imported: no version checks, analytics or telemetry. Downloads stay
+# allowed: `--model PRESET` may pull weights (set HF_HUB_OFFLINE=1 to forbid it).
+OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     backend = parser.add_mutually_exclusive_group()
-    backend.add_argument("--model", help="model folder (default: $ANOMALY_ASSISTANT_MODEL, else the demo model)")
+    backend.add_argument("--model", help=MODEL_HELP)
     backend.add_argument("--endpoint", help="base URL of the project's server, e.g. http://localhost:8000/v1")
     parser.add_argument("--served-model", help="model name on the endpoint (required with --endpoint)")
     parser.add_argument("--api-key", help="endpoint API key (default: $OPENAI_API_KEY)")

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -205,7 +206,19 @@ def checkpoint_config(path: str | Path, settings: Settings | None = None) -> Ass
     config = AssistantConfig.from_pretrained(path)
     if settings:
         config.apply_settings(settings)
+    untrained = config.untrained_token_parts()
+    if untrained:
+        warnings.warn(
+            f"{path}: its LLM was trained with the {'/'.join(config.llm_token_parts)} image tokens only; with "
+            f"{'/'.join(untrained)} switched on it reads embeddings it never learned (answers may suffer)",
+            UntrainedTokensWarning,
+            stacklevel=2,
+        )
     return config
+
+
+class UntrainedTokensWarning(UserWarning):
+    """Token parts switched on that the checkpoint's LLM was never trained to read."""
 
 
 def load_checkpoint(

@@ -1,5 +1,8 @@
-"""`anomaly-assistant` command line: inspect, chat, enroll, profiles, init-tiny, convert, and the serve/eval/train/data
-families.
+"""`anomaly-assistant` command line: inspect, chat, enroll, profiles, init-tiny, convert, models, pull, and the
+serve/eval/train/data families.
+
+`--model` takes a folder, a preset name (`models` lists them; `pull NAME` fetches one ahead of time) or a Hugging
+Face Hub id (`defaults.resolve_model`).
 
 Few-shot: `inspect`/`chat` take normal images of the same object (`--reference`, repeatable) or an enrolled product
 profile (`--profile NAME`, not both); `enroll NAME --images DIR` makes a profile from normal images and saves it
@@ -17,9 +20,10 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
-from .defaults import MODEL_ENV, resolve_model
+from .defaults import MODEL_HELP, resolve_model
 from .errors import AssistantError, UsageError, one_line
 from .options import add_settings_argument, run_settings
 
@@ -42,7 +46,7 @@ def load_engine(args: argparse.Namespace, concurrency: int = 1):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     add_settings_argument(parser)
 
@@ -225,9 +229,44 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import converted_card, from_llava_onevision
     from .factory import save_assistant
+    from .hub import expert_source, llava_source
 
-    model, processor = from_llava_onevision(args.llava, args.expert, roi={"enabled": not args.no_roi})
-    print(save_assistant(model, processor, args.output, card=converted_card(args.llava, args.expert)))
+    llava, expert = llava_source(args.llava), expert_source(args.expert)
+    model, processor = from_llava_onevision(llava, expert, token_parts=token_parts(args.token_parts))
+    print(save_assistant(model, processor, args.output, card=converted_card(args.llava, expert)))
+
+
+def token_parts(text: str) -> tuple[str, ...]:
+    """`base,expert` -> ("base", "expert"), checked against the known parts."""
+    from .config import TOKEN_PARTS
+
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    if "base" not in parts or set(parts) - set(TOKEN_PARTS):
+        raise UsageError(f"--token-parts {text!r}: a comma list of {', '.join(TOKEN_PARTS)} that includes base")
+    return parts
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .presets import describe, get_preset, list_models
+
+    print("| model | kind | parts | LLM reads | tokens at 1024 px (base / expert / ROI) | params | weights | memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in list_models():
+        preset, facts = get_preset(name), describe(get_preset(name))
+        tokens = " / ".join(
+            f"{count:,}" if part in preset.token_parts else f"({count:,} off)" for part, count in facts.tokens.items()
+        )
+        print(
+            f"| {name} | {preset.kind} | {'; '.join(preset.parts)} | {'+'.join(preset.token_parts)} | {tokens} "
+            f"| {facts.parameters / 1e6:,.1f} M | {facts.weights_gb:.2f} GB | {facts.memory_gb:.2f} GB |"
+        )
+    print("\nweights: bf16; memory: weights + the KV cache of a 1024 px image prompt with 512 text tokens (bf16)")
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from .hub import pull
+
+    print(pull(args.name, force=args.force))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -387,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR_OR_GLOB",
         help="normal images of the product: folders (searched recursively), globs or files; repeatable",
     )
-    enroll_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    enroll_parser.add_argument("--model", help=MODEL_HELP)
     enroll_parser.add_argument(
         "--false-alarm-rate",
         type=open_unit_interval,
@@ -400,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll_parser.set_defaults(handler=cmd_enroll)
 
     profiles_parser = commands.add_parser("profiles", help="list a model's enrolled product profiles")
-    profiles_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    profiles_parser.add_argument("--model", help=MODEL_HELP)
     profiles_parser.set_defaults(handler=cmd_profiles)
 
     tiny_parser = commands.add_parser("init-tiny", help="write a tiny random model (for smoke tests)")
@@ -413,28 +452,49 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write any checkpoint (e.g. the composed demo model) as one full safetensors folder (for vLLM)"
     )
     export_parser.add_argument("output")
-    export_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    export_parser.add_argument("--model", help=MODEL_HELP)
     add_settings_argument(export_parser)
     export_parser.set_defaults(handler=cmd_export)
 
     convert_parser = commands.add_parser(
         "convert", help="build an assistant checkpoint from llava-hf + Anomaly-OV weights"
     )
-    convert_parser.add_argument("--llava", required=True, help="local llava-hf LLaVA-OneVision folder")
-    convert_parser.add_argument("--expert", help="official pretrained_expert_*.pth (random expert if omitted)")
+    convert_parser.add_argument(
+        "--llava", required=True, help="llava-hf LLaVA-OneVision folder or Hub id (llava-hf/llava-onevision-...)"
+    )
+    convert_parser.add_argument(
+        "--expert",
+        help="official expert: a pretrained_expert_*.pth file, or its name or URL (downloaded and verified); "
+        "random expert if omitted",
+    )
     convert_parser.add_argument("--output", required=True)
-    convert_parser.add_argument("--no-roi", action="store_true", help="Anomaly-OV exactly: no Triad ROI tokens")
+    convert_parser.add_argument(
+        "--token-parts",
+        default="base",
+        help="image token parts the LLM reads: base[,expert][,roi] (default base: all a llava-hf LLM was trained "
+        "with; more warns)",
+    )
     convert_parser.set_defaults(handler=cmd_convert)
 
+    models_parser = commands.add_parser("models", help="the model registry: presets, their parts, tokens and sizes")
+    models_parser.set_defaults(handler=cmd_models)
+
+    pull_parser = commands.add_parser(
+        "pull", help="fetch and convert what a preset needs into the cache (resumable; see `models`)"
+    )
+    pull_parser.add_argument("name", help="preset name, e.g. anomaly-ov-0.5b")
+    pull_parser.add_argument("--force", action="store_true", help="convert again even when a converted copy exists")
+    pull_parser.set_defaults(handler=cmd_pull)
+
     info_parser = commands.add_parser("info", help="what a model is: its card, decision calibration and domain")
-    info_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    info_parser.add_argument("--model", help=MODEL_HELP)
     info_parser.set_defaults(handler=cmd_info)
 
     domain_parser = commands.add_parser(
         "fit-domain", help="describe the images a model knows (domain statistics saved in its folder)"
     )
     domain_parser.add_argument("images", nargs="+", help="folders (searched recursively), globs or image files")
-    domain_parser.add_argument("--model", help=f"model folder (default: ${MODEL_ENV} or the bundled demo model)")
+    domain_parser.add_argument("--model", help=MODEL_HELP)
     domain_parser.add_argument(
         "--validation", nargs="+", help="other images of the same domain for the threshold (default: 20%% held out)"
     )
@@ -453,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input (`error: ...`), 1 an unexpected failure (one line; --debug shows the trace)."""
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source excerpt
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
         handler(args)

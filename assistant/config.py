@@ -48,6 +48,9 @@ class ExpertConfig(_SubConfig):
     attention_dim: int = Field(512, ge=1)
     predictor_dim: int = Field(512, ge=1)
     pooled_side: int = Field(2, ge=1)  # 2x2 selected tokens per crop
+    # The suspicion phrase and the expert's tokens go into the LLM input (Anomaly-OV). Off: the LLM reads stock
+    # LLaVA-OneVision's image tokens (an LLM never tuned with them), the expert still makes the verdict.
+    tokens: bool = True
     temperature: float = 100.0
     # The score picks the adverb of "with {adverb} suspicious features: ": below low -> "slightly",
     # below high -> "moderately", else "highly" (Anomaly-OV's strict comparisons).
@@ -144,6 +147,9 @@ class RoiConfig(_SubConfig):
     map_source: Literal["expert", "external"] = "expert"  # "external": maps come with the inputs (e.g. CLIP)
 
 
+TOKEN_PARTS = ("base", "expert", "roi")  # the runs of image tokens an LLM may read (`layout`)
+
+
 SUB_CONFIGS: dict[str, type[_SubConfig]] = {
     "expert": ExpertConfig,
     "roi": RoiConfig,
@@ -235,6 +241,12 @@ class AssistantConfig(LlavaOnevisionConfig):
     phrase_suffix_ids: list | None = None  # tokens of " suspicious features:"
     image_mean: list | None = None  # normalisation of ROI crops, copied from the image processor
     image_std: list | None = None
+    # Images whose long side exceeds this are shrunk to it before AnyRes (the official Anomaly-OV rule, training
+    # and evaluation alike); None keeps every size. `AssistantProcessor.model_size`.
+    max_image_side: int | None = 1024
+    # The token parts (TOKEN_PARTS) the LLM was trained to read; None: not recorded (checkpoints made before it
+    # was, trained with what they enable). Switching on a part outside it warns (`untrained_token_parts`).
+    llm_token_parts: list | None = None
 
     def __post_init__(self, **kwargs):
         moved = self.__dict__.pop("_moved_decision", None)  # an older checkpoint's decision keys (`__setattr__`)
@@ -250,6 +262,11 @@ class AssistantConfig(LlavaOnevisionConfig):
             raise ValueError("adverb_token_ids needs one id list per adverb (slightly, moderately, highly)")
         if len({len(ids) for ids in self.adverb_token_ids}) != 1:
             raise ValueError("adverb_token_ids must all have the same length (pad when tokenizing)")
+        if self.llm_token_parts is not None:
+            self.llm_token_parts = list(self.llm_token_parts)
+            unknown = set(self.llm_token_parts) - set(TOKEN_PARTS)
+            if unknown or "base" not in self.llm_token_parts:
+                raise ValueError(f"llm_token_parts must include 'base' and name only {TOKEN_PARTS}, got {unknown}")
         self.image_mean = list(self.image_mean or [0.5, 0.5, 0.5])
         self.image_std = list(self.image_std or [0.5, 0.5, 0.5])
         super().__post_init__(**kwargs)
@@ -290,6 +307,16 @@ class AssistantConfig(LlavaOnevisionConfig):
         for name in SUB_CONFIGS:
             output[name] = getattr(self, name).model_dump()
         return output
+
+    @property
+    def token_parts(self) -> list[str]:
+        """The token parts this configuration gives the LLM."""
+        return ["base"] + ["expert"] * self.expert.tokens + ["roi"] * self.roi.enabled
+
+    def untrained_token_parts(self) -> list[str]:
+        """Parts switched on that the LLM never read in training (it sees embeddings it cannot interpret)."""
+        trained = self.llm_token_parts
+        return [] if trained is None else [part for part in self.token_parts if part not in trained]
 
     @property
     def crop_size(self) -> int:

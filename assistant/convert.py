@@ -19,6 +19,7 @@ from .card import ModelCard, untrained_card
 from .errors import AssistantError
 from .expert import AnomalyExpert
 from .factory import create_assistant
+from .vision import spread_feature_layers
 
 
 class ConversionError(AssistantError, ValueError):
@@ -131,28 +132,45 @@ def load_official_expert(expert: AnomalyExpert, path: str | Path) -> None:
 
 
 def from_llava_onevision(
-    llava_path: str | Path, expert_path: str | Path | None = None, roi: dict | None = None, expert: dict | None = None
+    llava_path: str | Path,
+    expert_path: str | Path | None = None,
+    token_parts: tuple[str, ...] = ("base",),
+    expert: dict | None = None,
+    roi: dict | None = None,
 ):
-    """An assistant whose LLaVA-OneVision weights come from a llava-hf folder (expert random unless given)."""
+    """An assistant whose LLaVA-OneVision weights come from a llava-hf folder (expert random unless given).
+
+    A llava-hf LLM was trained to read stock image tokens only, so the checkpoint records `llm_token_parts`
+    ["base"]; `token_parts` switches on the parts its LLM reads (default: exactly those; more warns at load).
+    `expert`, `roi`: ExpertConfig / RoiConfig fields (the expert's sizes are read from its file).
+    The weights keep the checkpoint's dtype (bf16 as published: half the memory and disk of fp32).
+    """
     llava_path = Path(llava_path)
-    if not (llava_path / "config.json").is_file():  # never a Hub id: conversion reads local files only
+    if not (llava_path / "config.json").is_file():  # Hub ids are resolved to folders first (`hub.snapshot`)
         raise ConversionError(f"{llava_path}: not a llava-hf LLaVA-OneVision folder (no config.json)")
     if expert_path is not None:
         expert = {**expert_dims(read_official_expert(expert_path)), **(expert or {})}
-    base = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_path, dtype=torch.float32)
+    base = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_path, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(llava_path)
     config = base.config
-    model, processor = create_assistant(
-        config.vision_config,
-        config.text_config.to_dict(),
-        tokenizer,
-        expert=expert,
-        roi=roi,
-        image_grid_pinpoints=config.image_grid_pinpoints,
-        vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        vision_aspect_ratio=config.vision_aspect_ratio,
-    )
+    expert = {"feature_layers": spread_feature_layers(config.vision_config.num_hidden_layers), **(expert or {})}
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(base.dtype)  # built in the checkpoint's dtype: no fp32 copy of a 7B model
+    try:
+        model, processor = create_assistant(
+            config.vision_config,
+            config.text_config.to_dict(),
+            tokenizer,
+            expert={**expert, "tokens": "expert" in token_parts},
+            roi={**(roi or {}), "enabled": "roi" in token_parts},
+            image_grid_pinpoints=config.image_grid_pinpoints,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+            llm_token_parts=["base"],
+        )
+    finally:
+        torch.set_default_dtype(default_dtype)
     if model.config.image_token_id != config.image_token_id:
         raise ConversionError(
             f"tokenizer's <image> id {model.config.image_token_id} differs from "
@@ -167,9 +185,9 @@ def from_llava_onevision(
     return model, processor
 
 
-
 def converted_card(llava: str | Path, expert: str | Path | None) -> ModelCard:
-    """The card of a converted official checkpoint: what its parts are; nothing measured on it here yet."""
+    """The card of a converted official checkpoint (`llava`: the folder or Hub id it came from): what its parts
+    are; nothing measured on it here yet."""
     if expert is None:
         return untrained_card(
             f"{Path(llava).name} + random expert",

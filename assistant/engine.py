@@ -346,7 +346,7 @@ class ImageAnalyzer:
 
     def _normal_patches(self, images: Sequence[Image.Image]) -> PatchBank:
         crops = torch.from_numpy(np.concatenate([self.processor.image_crops(image, True) for image in images]))
-        sizes = torch.tensor([(image.height, image.width) for image in images], dtype=torch.long)
+        sizes = torch.tensor([self.processor.model_size((image.height, image.width)) for image in images])
         with torch.inference_mode():
             return self.model.normal_patches(crops.to(self.device), sizes.to(self.device))
 

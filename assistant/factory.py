@@ -22,6 +22,7 @@ from .card import ModelCard
 from .checkpoint import write_companions
 from .config import AssistantConfig
 from .modeling import AssistantForConditionalGeneration
+from .presets import TINY_EXPERT, TINY_ROI, TINY_TEXT, TINY_VISION
 from .processing import DEFAULT_CHAT_TEMPLATE, AssistantProcessor, suspicion_phrase_ids
 from .prompts import IMAGE_TOKEN
 
@@ -146,30 +147,13 @@ def tiny_tokenizer(
 
 
 def tiny_vision_config(image_size: int = 56, patch_size: int = 14, layers: int = 4) -> dict:
-    return {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "image_size": image_size,
-        "patch_size": patch_size,
-        "vision_use_head": False,
-    }
+    """The registry's tiny SigLIP shape (`presets.TINY_VISION`), optionally resized."""
+    return {**TINY_VISION, "image_size": image_size, "patch_size": patch_size, "num_hidden_layers": layers}
 
 
 def tiny_text_config(model_type: str = "qwen2", vocab_size: int = 512) -> dict:
-    return {
-        "model_type": model_type,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,  # head dim 32: supported by vLLM's CPU attention
-        "num_key_value_heads": 1,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-    }
+    """The registry's tiny LLM shape (`presets.TINY_TEXT`) as a Qwen2 or another causal LM type."""
+    return {**TINY_TEXT, "model_type": model_type, "vocab_size": vocab_size}
 
 
 def tiny_assistant(
@@ -186,15 +170,8 @@ def tiny_assistant(
     (ChatML) unless given.
     """
     tokenizer = tiny_tokenizer() if tokenizer is None else tokenizer
-    expert = {
-        "feature_layers": [1, 2, 3, 4],
-        "embedding_dim": 32,
-        "class_dim": 32,
-        "attention_dim": 32,
-        "predictor_dim": 32,
-        **(expert or {}),
-    }
-    roi_config = {"source_max_side": 224, **(roi if isinstance(roi, dict) else {"enabled": roi})}
+    expert = {**TINY_EXPERT, **(expert or {})}
+    roi_config = {**TINY_ROI, **(roi if isinstance(roi, dict) else {"enabled": roi})}
     return create_assistant(
         tiny_vision_config(),
         tiny_text_config(text_model),

@@ -51,6 +51,16 @@ def fit_long_side(
     return max(1, rounding(height * scale)), max(1, rounding(width * scale))
 
 
+def shrink_long_side(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(height, width) under Anomaly-OV's rule (its training and evaluation scripts): a long side over `max_side`
+    becomes exactly `max_side` and the short one `int(max_side * short / long)`; None or smaller: unchanged."""
+    height, width = size
+    longest = max(height, width)
+    if max_side is None or longest <= max_side:
+        return height, width
+    return max(1, int(max_side * height / longest)), max(1, int(max_side * width / longest))
+
+
 def _open(source: str | Path | bytes, name: str) -> Image.Image:
     if isinstance(source, (str, Path)):
         path = Path(source)

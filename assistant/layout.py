@@ -5,6 +5,8 @@ tokens can never disagree between them. A query image expands to
 
     [base + AnyRes tokens] "with" [adverb] " suspicious features:" [global, crop-0 and grid expert tokens] [ROI tokens]
 
+(without the phrase and the expert's tokens when `expert.tokens` is off, without ROI tokens when `roi.enabled` is)
+
 where every bracketed run is made of image-token positions whose embeddings the model supplies.
 Reference (normal) images in a few-shot prompt use LLaVA-OneVision's multi-image form: the base crop
 plus one newline, no expert tokens.
@@ -41,6 +43,11 @@ class ImageLayout:
     def num_embeddings(self) -> int:
         """Positions whose embeddings come from the model (all image-token positions)."""
         return self.num_base + self.num_adverb + self.num_expert + self.num_roi
+
+    @property
+    def part_counts(self) -> dict[str, int]:
+        """LLM tokens per token part (`AssistantConfig.token_parts`): the expert's are its adverb and its tokens."""
+        return {"base": self.num_base, "expert": self.num_adverb + self.num_expert, "roi": self.num_roi}
 
 
 def anyres_grid(image_size: tuple[int, int], config: AssistantConfig) -> tuple[int, int]:
@@ -102,13 +109,13 @@ def image_layout(image_size: tuple[int, int], config: AssistantConfig, is_query:
     if not is_query:
         return ImageLayout(False, (0, 0), config.patches_per_side**2 + 1, 0, 0, 0)
     grid = anyres_grid(image_size, config)
-    roi = config.roi
+    roi, expert_tokens = config.roi, config.expert.tokens
     return ImageLayout(
         is_query=True,
         grid=grid,
         num_base=base_token_count(image_size, config),
-        num_adverb=len(config.adverb_token_ids[0]),
-        num_expert=expert_token_count(grid, config),
+        num_adverb=len(config.adverb_token_ids[0]) if expert_tokens else 0,
+        num_expert=expert_token_count(grid, config) if expert_tokens else 0,
         num_roi=roi.max_boxes * roi_tokens_per_box(config) if roi.enabled else 0,
     )
 
@@ -116,8 +123,8 @@ def image_layout(image_size: tuple[int, int], config: AssistantConfig, is_query:
 def expand_image_ids(layout: ImageLayout, config: AssistantConfig) -> list[int]:
     """The token ids that replace one image placeholder; image-token positions get model embeddings."""
     image = config.image_token_id
-    if not layout.is_query:
-        return [image] * layout.num_base
+    if not layout.is_query or not config.expert.tokens:
+        return [image] * (layout.num_base + layout.num_roi)
     return (
         [image] * layout.num_base
         + list(config.phrase_prefix_ids)

@@ -25,7 +25,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.processing_utils import ProcessorMixin
 
 from .config import SUSPICION_ADVERBS, AssistantConfig
-from .image_io import ImageInput, fit_long_side, load_image
+from .image_io import ImageInput, fit_long_side, load_image, shrink_long_side
 from .layout import ImageLayout, expand_image_ids, image_layout
 from .prompts import IMAGE_TOKEN
 
@@ -128,11 +128,25 @@ class AssistantProcessor(ProcessorMixin):
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
+    def model_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) the vision side sees for an image of this size: the long side shrunk to
+        `config.max_image_side` by Anomaly-OV's rule. Layouts, crops and `image_sizes` all use it; the ROI
+        source and the verdict keep the image's own resolution."""
+        return shrink_long_side(image_size, self.config.max_image_side)
+
+    def model_image(self, image: Image.Image) -> Image.Image:
+        height, width = self.model_size((image.height, image.width))
+        if (height, width) == (image.height, image.width):
+            return image
+        return image.resize((width, height), Image.Resampling.BICUBIC)  # PIL's default filter, as the official
+
     def layout(self, image_size: tuple[int, int], is_query: bool = True) -> ImageLayout:
-        return image_layout(image_size, self.config, is_query)
+        """The token layout of an image of this (original) size."""
+        return image_layout(self.model_size(image_size), self.config, is_query)
 
     def image_crops(self, image: Image.Image, is_query: bool) -> np.ndarray:
         """Normalised crops [n, 3, s, s]: the AnyRes base + tiles for a query, the padded square for a reference."""
+        image = self.model_image(image)
         if not is_query:
             side = max(image.size)
             fill = tuple(int(255 * m) for m in self.image_processor.image_mean)
@@ -197,7 +211,7 @@ class AssistantProcessor(ProcessorMixin):
             for index, image in enumerate(group):
                 query = index == len(group) - 1
                 crops.append(self.image_crops(image, query))
-                image_sizes.append((image.height, image.width))
+                image_sizes.append(self.model_size((image.height, image.width)))
                 is_query.append(query)
                 if query:
                     source_sizes.append(fit_long_side((image.height, image.width), max_side))

@@ -24,6 +24,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from .config import AssistantConfig, DecisionConfig
+from .errors import AssistantError
 from .expert import AnomalyExpert, ExpertOutput
 from .heatmap import assemble_heatmap
 from .layout import ImageLayout, image_layout
@@ -133,8 +134,73 @@ def crop_regions(
     return (pixels - mean_t) / std_t
 
 
+class VisionFeatureError(AssistantError, ValueError):
+    """A vision_feature_layer / vision_feature_select_strategy whose features the image side cannot read."""
+
+
+def check_vision_features(config: AssistantConfig) -> None:
+    """Refuse, when a model is built, LLM features that `select_vision_features` cannot make into our tokens.
+
+    Stock LLaVA-OneVision's rule is applied as is; what it cannot give here is refused in one line:
+    - strategy "default" drops the first token, CLIP's CLS token. SigLIP (the towers the image side reads) has
+      none, so a patch would go and the patches_per_side**2 grid with it: stock's `pack_image_features` raises
+      for every AnyRes image ("The number of patches is not consistent with the image size"). AnyRes packing,
+      the expert's maps and ROI pooling all need that grid, so only "full" is accepted.
+    - a list of layers concatenates their features, widening the projector's input to len(list) x width: the
+      expert reads one layer's width and its tokens go through that same projector, so only one layer fits.
+    """
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    vision = config.vision_config
+    if not isinstance(layer, int):
+        raise VisionFeatureError(
+            f"vision_feature_layer={layer!r} is not supported: features of several layers are concatenated for "
+            f"the projector, but the anomaly expert reads one layer's {vision.hidden_size}-wide features and "
+            "projects its tokens with that same projector; give one layer index"
+        )
+    hidden_states = vision.num_hidden_layers + 1  # the embeddings and every layer's output
+    if not -hidden_states <= layer < hidden_states:
+        raise VisionFeatureError(
+            f"vision_feature_layer={layer} is out of range for a {vision.num_hidden_layers}-layer vision tower "
+            f"(hidden states {-hidden_states}..{hidden_states - 1})"
+        )
+    levels = config.expert.feature_layers
+    if not all(-hidden_states <= level < hidden_states for level in levels):
+        raise VisionFeatureError(
+            f"expert feature_layers={levels} are out of range for a {vision.num_hidden_layers}-layer vision tower "
+            f"(hidden states {-hidden_states}..{hidden_states - 1}); give the expert's layers for this tower"
+        )
+    if strategy != "full":
+        side = config.patches_per_side
+        raise VisionFeatureError(
+            f"vision_feature_select_strategy={strategy!r} is not supported: 'default' drops the first token (CLIP's "
+            f"CLS token), but the {vision.model_type} tower has no CLS token, so its {side}x{side} patch grid would "
+            "lose a patch (stock LLaVA-OneVision fails on such images too); use 'full'"
+        )
+
+
+def spread_feature_layers(num_layers: int, count: int = 4) -> list[int]:
+    """Anomaly-OV's expert levels scaled to a tower of `num_layers`: on the 26-layer SigLIP-so400m it reads hidden
+    states 7/13/19/25 (every sixth layer, ending one before the last); other depths keep that spacing."""
+    step = max(1, num_layers // count)
+    return [max(0, num_layers - 1 - step * (count - 1 - k)) for k in range(count)]
+
+
 def build_expert(config: AssistantConfig) -> AnomalyExpert:
+    check_vision_features(config)  # every host builds its expert when it is built: refused before any image
     return AnomalyExpert(config.expert, config.vision_config.hidden_size, config.patches_per_side**2)
+
+
+def select_vision_features(
+    hidden_states: Sequence[torch.Tensor], layer: int | Sequence[int], strategy: str
+) -> torch.Tensor:
+    """Stock `LlavaOnevisionModel.get_image_features`' rule: the hidden states of `layer` (of several layers,
+    concatenated on the feature axis), without the first token when `strategy` is "default", all with "full".
+    `check_vision_features` refuses, when a model is built, what our image side cannot read of it."""
+    if isinstance(layer, int):
+        features = hidden_states[layer]
+    else:
+        features = torch.cat([hidden_states[index] for index in layer], dim=-1)
+    return features[:, 1:] if strategy == "default" else features
 
 
 class ImageEncoderMixin:
@@ -154,9 +220,12 @@ class ImageEncoderMixin:
         raise NotImplementedError
 
     def vision_features(self, pixel_values: torch.Tensor, levels: list[int] | None = None):
-        """Final features [C, N, D] of the configured layer, plus the requested hidden-state levels."""
+        """The features the LLM reads [C, N, D] (`select_vision_features`: stock LLaVA-OneVision's
+        vision_feature_layer and vision_feature_select_strategy), plus the requested hidden-state levels."""
         outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
-        final = outputs.hidden_states[self.config.vision_feature_layer]
+        final = select_vision_features(
+            outputs.hidden_states, self.config.vision_feature_layer, self.config.vision_feature_select_strategy
+        )
         return final, [outputs.hidden_states[i] for i in (levels or [])]
 
     def image_layouts(self, image_sizes: torch.Tensor, image_is_query: torch.Tensor) -> list[ImageLayout]:
@@ -315,11 +384,11 @@ class ImageEncoderMixin:
         if analysis is None:
             return ImageEncoding(torch.cat(base_tokens), layouts, None)
 
-        expert = analysis.expert
-        expert_tokens = self._expert_tokens(expert, analysis.layouts)
-        levels_of_suspicion = suspicion_level(expert.scores, config.expert.suspicion_thresholds)
-        adverb_ids = torch.tensor(config.adverb_token_ids, device=final.device)
-        adverbs = self.token_embeddings(adverb_ids[levels_of_suspicion])  # [Q, n_adv, H]
+        if config.expert.tokens:
+            expert_tokens = self._expert_tokens(analysis.expert, analysis.layouts)
+            levels_of_suspicion = suspicion_level(analysis.expert.scores, config.expert.suspicion_thresholds)
+            adverb_ids = torch.tensor(config.adverb_token_ids, device=final.device)
+            adverbs = self.token_embeddings(adverb_ids[levels_of_suspicion])  # [Q, n_adv, H]
 
         sizes = [tuple(s) for s in source_sizes.tolist()]
         external = roi.map_source == "external"
@@ -339,7 +408,8 @@ class ImageEncoderMixin:
         for layout, base in zip(layouts, base_tokens):
             parts = [base]
             if layout.is_query:
-                parts += [adverbs[query_index].to(base), expert_tokens[query_index]]
+                if config.expert.tokens:
+                    parts += [adverbs[query_index].to(base), expert_tokens[query_index]]
                 if roi.enabled:
                     parts.append(roi_tokens[query_index])
                 query_index += 1

@@ -31,28 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assistant.factory import create_assistant, save_assistant, tiny_tokenizer  # noqa: E402
+from assistant.presets import QWEN2_05B, QWEN2_7B, SIGLIP_SO400M  # noqa: E402
 from data.synthetic import normal_part  # noqa: E402
 from training.collate import InstructCollator  # noqa: E402
 from training.config import InstructData, InstructTrainConfig, LoraSettings, ModelSource, RunConfig  # noqa: E402
 from training.instruct import build_model  # noqa: E402
 from training.loop import make_accelerator  # noqa: E402
 
-SIGLIP_SO400M = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 26,  # LLaVA-OneVision drops SigLIP's last layer
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "vision_use_head": False,
-}
-QWEN2 = {
-    "0.5B": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
-    "7B": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
-}
+QWEN2 = {"0.5B": QWEN2_05B, "7B": QWEN2_7B}  # the registry's shapes (assistant.presets)
 CASES = {"lora-0.5b": ("0.5B", False), "qlora-0.5b": ("0.5B", True), "qlora-7b": ("7B", True)}
 
 
@@ -86,12 +72,12 @@ HEADER = (
 
 def random_checkpoint(shape: str, folder: Path) -> Path:
     """A randomly initialised assistant of a real shape, built on the GPU in bf16 and saved."""
-    text = {"model_type": "qwen2", "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, **QWEN2[shape]}
+    text = dict(QWEN2[shape])
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model, processor = create_assistant(SIGLIP_SO400M, text, tiny_tokenizer(), seed=0)
+            model, processor = create_assistant(dict(SIGLIP_SO400M), text, tiny_tokenizer(), seed=0)
         save_assistant(model, processor, folder)
     finally:
         torch.set_default_dtype(default_dtype)

@@ -14,7 +14,7 @@ from typing import TypeVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from assistant.image_io import fit_long_side
+from assistant.image_io import shrink_long_side
 from data.errors import DataError
 from data.files import describe, read_json
 
@@ -85,5 +85,5 @@ def load_items(path: str | Path, schema: type[Item], limit: int | None = None) -
 
 def visa_dr_view(image: Image.Image) -> Image.Image:
     """Shrink so the long side is at most 1024 px (PIL's default filter), as the official scripts do."""
-    height, width = fit_long_side((image.height, image.width), MAX_SIDE, floor=True)
+    height, width = shrink_long_side((image.height, image.width), MAX_SIDE)
     return image if (width, height) == image.size else image.resize((width, height))

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from assistant.client import to_messages
 from assistant.engine import Conversation, LocalEngine, agreeing_answer
-from assistant.factory import tiny_assistant, tiny_tokenizer
+from assistant.factory import prepare_tokenizer, tiny_assistant, tiny_text_config, tiny_tokenizer, tiny_vision_config
 from assistant.verdict import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,3 +237,54 @@ class StubServer:
         if body["model"] == "chat-only":
             return JSONResponse({"error": {"message": "Not Found"}}, status_code=404)
         return stub_verdict(body["image_url"])
+
+
+def official_expert_state(width=64, patches=16, levels=4, dim=32, seed=0):
+    """A state dict with the official AnomalyOV key names and shapes (as built by its constructor)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    state = {
+        "positive_embedding": t(1, dim),
+        "negative_embedding": t(1, dim),
+        "pooling_layer.0.weight": t(1, patches),
+        "pooling_layer.0.bias": t(1),
+        "class_predictor.0.weight": t(dim, width),
+        "class_predictor.0.bias": t(dim),
+        "class_predictor.2.weight": t(dim, dim),
+        "class_predictor.2.bias": t(dim),
+        "q_former.query_proj.weight": t(dim, width),
+        "q_former.query_proj.bias": t(dim),
+        "q_former.key_proj.weight": t(dim, width),
+        "q_former.key_proj.bias": t(dim),
+        "final_predictor.0.weight": t(dim, width),
+        "final_predictor.0.bias": t(dim),
+        "final_predictor.2.weight": t(1, dim),
+        "final_predictor.2.bias": t(1),
+    }
+    for i in range(levels):
+        state[f"siglip_adaptors.{i}.weight"] = t(dim, width)
+        state[f"siglip_adaptors.{i}.bias"] = t(dim)
+        state[f"prompt_adaptors.{i}.weight"] = t(dim, 2 * dim)
+        state[f"prompt_adaptors.{i}.bias"] = t(dim)
+    return state
+
+
+def save_tiny_llava(path: Path, seed: int = 1):
+    """A tiny llava-hf style LLaVA-OneVision checkpoint with tokenizer saved at `path`; returns the model."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    config = LlavaOnevisionConfig(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(vocab_size=len(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]],
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

@@ -64,7 +64,7 @@ def bad_inputs(tmp_path, tiny_path) -> dict[str, tuple[list[str], str]]:
     model = ["--model", str(tiny_path)]
     return {
         "image": (["inspect", str(not_image), *model], "not a recognised image format"),
-        "usage": (["inspect", str(part), "--model", str(tmp_path / "nowhere")], "not a model folder"),
+        "usage": (["inspect", str(part), "--model", str(tmp_path / "nowhere")], "no such folder, preset"),
         "data file": (["data", "check", str(broken_json)], "not valid JSON"),
         "benchmark file": (["eval", "mmad", "--data", str(broken_json), *model], "MMAD file"),
         "missing config": (["train", "expert", "--config", str(tmp_path / "missing.yaml")], "config file not found"),

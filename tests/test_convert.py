@@ -2,43 +2,9 @@
 
 import pytest
 import torch
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from assistant.convert import expert_from_official, expert_to_official, from_llava_onevision, load_official_expert
-from assistant.factory import prepare_tokenizer, tiny_text_config, tiny_tokenizer, tiny_vision_config
-
-
-def official_expert_state(width=64, patches=16, levels=4, dim=32, seed=0):
-    """A state dict with the official AnomalyOV key names and shapes (as built by its constructor)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g)
-
-    state = {
-        "positive_embedding": t(1, dim),
-        "negative_embedding": t(1, dim),
-        "pooling_layer.0.weight": t(1, patches),
-        "pooling_layer.0.bias": t(1),
-        "class_predictor.0.weight": t(dim, width),
-        "class_predictor.0.bias": t(dim),
-        "class_predictor.2.weight": t(dim, dim),
-        "class_predictor.2.bias": t(dim),
-        "q_former.query_proj.weight": t(dim, width),
-        "q_former.query_proj.bias": t(dim),
-        "q_former.key_proj.weight": t(dim, width),
-        "q_former.key_proj.bias": t(dim),
-        "final_predictor.0.weight": t(dim, width),
-        "final_predictor.0.bias": t(dim),
-        "final_predictor.2.weight": t(1, dim),
-        "final_predictor.2.bias": t(1),
-    }
-    for i in range(levels):
-        state[f"siglip_adaptors.{i}.weight"] = t(dim, width)
-        state[f"siglip_adaptors.{i}.bias"] = t(dim)
-        state[f"prompt_adaptors.{i}.weight"] = t(dim, 2 * dim)
-        state[f"prompt_adaptors.{i}.bias"] = t(dim)
-    return state
+from tests.helpers import official_expert_state, save_tiny_llava
 
 
 def test_official_expert_has_32_tensors_and_round_trips(tiny):
@@ -81,21 +47,8 @@ def test_load_official_expert_file_strictly(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory):
-    """A tiny llava-hf style LLaVA-OneVision checkpoint with tokenizer."""
-    tokenizer = prepare_tokenizer(tiny_tokenizer())
-    text = tiny_text_config(vocab_size=len(tokenizer))
-    config = LlavaOnevisionConfig(
-        vision_config=tiny_vision_config(),
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]],
-    )
-    torch.manual_seed(1)
-    model = LlavaOnevisionForConditionalGeneration(config)
     path = tmp_path_factory.mktemp("llava") / "llava-tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path, model
+    return path, save_tiny_llava(path)
 
 
 def test_llava_onevision_weights_are_carried_over(llava_folder, tmp_path):

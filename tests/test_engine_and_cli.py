@@ -117,7 +117,7 @@ def test_cli_reports_bad_inputs_without_a_traceback(tiny_path, image_file, tmp_p
     assert main(["inspect", str(bad), "--model", str(tiny_path)]) == 2
     assert "error:" in capsys.readouterr().err
     assert main(["inspect", image_file, "--model", str(tmp_path / "nowhere")]) == 2
-    assert "not a model folder" in capsys.readouterr().err
+    assert "no such folder, preset" in capsys.readouterr().err
 
 
 def test_cli_init_tiny_writes_a_loadable_model(tmp_path, capsys):

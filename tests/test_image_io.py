@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assistant.image_io import MAX_PIXELS, ImageError, fit_long_side, load_image
+from assistant.image_io import MAX_PIXELS, ImageError, fit_long_side, load_image, shrink_long_side
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -86,7 +86,7 @@ def test_arrays_and_bad_arrays():
 
 
 def test_fitting_the_long_side_keeps_the_official_roundings():
-    """MMAD's and VisA-D&R's scripts truncate `int(side * scale)`; the ROI source, preview and metrics round."""
+    """MMAD's scripts truncate `int(side * scale)`; the ROI source, preview and metrics round."""
     rng = np.random.default_rng(0)
     for height, width, side in rng.integers(1, 5000, size=(5000, 3)).tolist():
         scale = side / max(height, width)
@@ -95,3 +95,19 @@ def test_fitting_the_long_side_keeps_the_official_roundings():
         expected = (height, width) if scale >= 1 else (max(1, round(height * scale)), max(1, round(width * scale)))
         assert fit_long_side((height, width), side) == expected
     assert fit_long_side((3, 20_000), 1024) == (1, 1024)  # a line-scan strip keeps at least one row
+
+
+def test_anomaly_ov_shrinks_the_long_side_to_exactly_1024():
+    """Anomaly-OV's scripts: long side 1024, short `int(1024 * short / long)`; `int(long * (1024 / long))` would
+    give 1023 for many sizes."""
+    off_by_one = 0
+    for long in range(1025, 6000):
+        for short in (1, 7, long // 3, (3 * long) // 4, long):
+            expected = (1024, int(1024 * short / long))
+            assert shrink_long_side((long, short), 1024) == (expected[0], max(1, expected[1]))
+            assert shrink_long_side((short, long), 1024) == (max(1, expected[1]), expected[0])
+        off_by_one += int(long * (1024 / long)) != 1024
+    assert off_by_one > 0  # the rule this replaces
+    assert shrink_long_side((4032, 3024), 1024) == (1024, 768)
+    assert shrink_long_side((800, 1024), 1024) == (800, 1024)
+    assert shrink_long_side((5000, 3000), None) == (5000, 3000)

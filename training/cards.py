@@ -4,14 +4,14 @@ trained on (so a card always says what the weights have seen)."""
 from __future__ import annotations
 
 from assistant.card import ModelCard
-from assistant.defaults import resolve_model
 
 from .config import ModelSource
 
 
 def stage_card(source: ModelSource, stage: str, data: str, steps: str) -> ModelCard:
     """`source`'s card (a tiny random one has none) with this stage appended to `trained_on`."""
-    base = ModelCard.load(resolve_model(source.path)) if source.path else None
+    folder = source.folder()
+    base = ModelCard.load(folder) if folder else None
     trained = f"{stage} on {data} ({steps})"
     if base is None:
         return ModelCard(

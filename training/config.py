@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from assistant.config import Settings, validation_message
+from assistant.defaults import resolve_model
 from assistant.errors import AssistantError
 from assistant.files import write_text_atomic
 from data.synth_dataset import SynthSpec
@@ -54,6 +55,10 @@ class ModelSource(_Section):
         if (self.path is None) == (not self.tiny):
             raise ValueError("give exactly one of `path` or `tiny: true`")
         return self
+
+    def folder(self) -> Path | None:
+        """The checkpoint folder `path` names (a folder, preset or Hub id: `defaults.resolve_model`); None if tiny."""
+        return resolve_model(self.path) if self.path else None
 
 
 class RunConfig(_Section):

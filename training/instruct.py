@@ -102,7 +102,7 @@ def save_outputs(config: InstructTrainConfig, processor: AssistantProcessor):
         data = config.data.json_path or "a data mixture"
         steps = f"{config.run.max_steps} steps" if config.run.max_steps else f"{config.run.epochs} epoch(s)"
         card = stage_card(config.model, "stage 2 (LoRA instruction tuning)", data, steps)
-        write_companions(adapter, config.model.path, card)
+        write_companions(adapter, config.model.folder(), card)
         if config.objective.merge:
             export_merged(config.model, adapter, output_dir / MERGED_DIR)
 

@@ -69,6 +69,6 @@ def load_assistant(
         return (model.to(dtype) if dtype is not None else model), processor
     options = {"quantization_config": qlora_config(), "device_map": {"": device_index}} if quantize else {}
     try:
-        return load_checkpoint(source.path, dtype or "auto", source.settings, **options)
+        return load_checkpoint(source.folder(), dtype or "auto", source.settings, **options)
     except CheckpointError as error:
         raise ConfigError(f"model.path: {error}") from error

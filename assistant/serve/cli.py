@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from ..defaults import MODEL_HELP
 from ..errors import UsageError
 from ..options import add_settings_argument, run_settings
 from .plugin import MEDIA_CONNECTOR_NAME, PLUGIN_NAMES
@@ -136,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("serve", help="OpenAI-compatible server (vLLM) with a /v1/inspect route")
-    parser.add_argument("--model", help="model folder (default: $ANOMALY_ASSISTANT_MODEL or the bundled demo model)")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

@@ -41,7 +41,9 @@ class ItemImageProcessor:
             "pixel_values": [
                 torch.from_numpy(self.processor.image_crops(image, query)) for image, query in zip(images, flags)
             ],
-            "image_sizes": torch.tensor([(image.height, image.width) for image in images], dtype=torch.long),
+            "image_sizes": torch.tensor(
+                [self.processor.model_size((image.height, image.width)) for image in images], dtype=torch.long
+            ),
             "image_is_query": torch.tensor(flags, dtype=torch.bool),
         }
         if self.roi:

@@ -88,21 +88,18 @@ class AssistantVllmModel(nn.Module, SupportsMultiModal):
         image_is_query = torch.stack(list(kwargs["image_is_query"]))
         max_side = self.config.roi.source_max_side
         sources = kwargs.get("roi_pixel_values")
+        query_sources = None if sources is None else [s for s, query in zip(list(sources), image_is_query) if query]
+        if query_sources is None:  # no ROI: the source size only sizes the expert's heatmap, never returned here
+            query_sizes = [size for size, query in zip(image_sizes.tolist(), image_is_query) if query]
+            source_sizes = [fit_long_side(tuple(size), max_side) for size in query_sizes]
+        else:  # the ROI source is cut from the original image, whose size the model's `image_sizes` do not carry
+            source_sizes = [tuple(source.shape[1:]) for source in query_sources]
         encoding = self.image_encoder.encode_images(
             pixel_values=torch.cat(list(kwargs["pixel_values"])),
             image_sizes=image_sizes,
             image_is_query=image_is_query,
-            source_sizes=torch.tensor(
-                [
-                    fit_long_side(tuple(size), max_side)
-                    for size, query in zip(image_sizes.tolist(), image_is_query)
-                    if query
-                ],
-                dtype=torch.long,
-            ),
-            roi_pixel_values=None
-            if sources is None
-            else [s for s, query in zip(list(sources), image_is_query) if query],
+            source_sizes=torch.tensor(source_sizes, dtype=torch.long).reshape(-1, 2),
+            roi_pixel_values=query_sources,
         )
         return encoding.embeddings.split([layout.num_embeddings for layout in encoding.layouts])
 
