@@ -9,7 +9,7 @@ CLI (`--set roi.enabled=false`), the app, the server and the training YAML (`mod
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
@@ -148,6 +148,15 @@ class RoiConfig(_SubConfig):
 
 
 TOKEN_PARTS = ("base", "expert", "roi")  # the runs of image tokens an LLM may read (`layout`)
+
+
+def token_part_fields(parts: Sequence[str], expert: Mapping | None = None, roi: Mapping | None = None) -> dict:
+    """The `expert` and `roi` sub-config fields (given ones kept) that make the LLM read exactly `parts`: the
+    inverse of `AssistantConfig.token_parts`."""
+    return {
+        "expert": {**(expert or {}), "tokens": "expert" in parts},
+        "roi": {**(roi or {}), "enabled": "roi" in parts},
+    }
 
 
 SUB_CONFIGS: dict[str, type[_SubConfig]] = {

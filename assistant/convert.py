@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
 from .card import ModelCard, untrained_card
+from .config import token_part_fields
 from .errors import AssistantError
 from .expert import AnomalyExpert
 from .factory import create_assistant
@@ -161,8 +162,7 @@ def from_llava_onevision(
             config.vision_config,
             config.text_config.to_dict(),
             tokenizer,
-            expert={**expert, "tokens": "expert" in token_parts},
-            roi={**(roi or {}), "enabled": "roi" in token_parts},
+            **token_part_fields(token_parts, expert, roi),
             image_grid_pinpoints=config.image_grid_pinpoints,
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,

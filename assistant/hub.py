@@ -161,11 +161,11 @@ def expert_source(spec: str | None) -> Path | None:
     """`convert --expert`: a local file, else a registered official expert named by file name or URL."""
     if spec is None or Path(spec).exists():
         return None if spec is None else Path(spec)
-    known = [get_preset(name).expert_file for name in list_models()]
-    for expert in (expert for expert in known if expert is not None):
+    known = [expert for expert in (get_preset(name).expert_file for name in list_models()) if expert is not None]
+    for expert in known:
         if spec in (expert.filename, expert.url, expert.page):
             return download_expert(expert)
-    names = ", ".join(expert.filename for expert in known if expert is not None)
+    names = ", ".join(expert.filename for expert in known)
     raise DownloadError(f"{spec}: no such file, and not an official expert ({names}) or its URL")
 
 
@@ -244,14 +244,14 @@ def _publish(folder: Path, build, pulled: dict) -> Path:
 
 def _build_random(preset: Preset, out: Path) -> None:
     from .card import untrained_card
+    from .config import token_part_fields
     from .factory import create_assistant, save_assistant, tiny_tokenizer
 
     model, processor = create_assistant(
         dict(preset.vision),
         dict(preset.text),
         tiny_tokenizer(),
-        expert={**preset.expert, "tokens": "expert" in preset.token_parts},
-        roi={**preset.roi, "enabled": "roi" in preset.token_parts},
+        **token_part_fields(preset.token_parts, preset.expert, preset.roi),
         llm_token_parts=list(preset.token_parts),
     )
     card = untrained_card(preset.name, f"{preset.summary}. Random weights: every answer and score is noise.")

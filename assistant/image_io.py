@@ -37,10 +37,10 @@ class ImageTooLargeError(ImageError):
 def fit_long_side(
     size: tuple[int, int], max_side: int, floor: bool = False, upscale: bool = False
 ) -> tuple[int, int]:
-    """(height, width) scaled so the long side is `max_side`: the one fitting rule of the ROI source image, the
-    app's preview, the pixel metrics and the benchmarks' official views.
+    """(height, width) scaled so the long side is `max_side`: the fitting rule of the ROI source image, the
+    app's preview, the pixel metrics and MMAD's official view (Anomaly-OV's own rule is `shrink_long_side`).
 
-    Smaller images stay as they are unless `upscale`; `floor` truncates like the official MMAD/VisA-D&R scripts'
+    Smaller images stay as they are unless `upscale`; `floor` truncates like the official MMAD script's
     `int(side * scale)` (else rounded); a side never drops below 1 px.
     """
     height, width = size

@@ -256,7 +256,7 @@ class PresetFacts:
 def preset_config(preset: Preset, token_parts: tuple[str, ...] | None = None):
     """The AssistantConfig a preset builds (placeholder token ids: enough for shapes and layouts); `token_parts`
     switches parts on or off (default: the preset's)."""
-    from .config import AssistantConfig
+    from .config import AssistantConfig, token_part_fields
     from .factory import grid_pinpoints
 
     parts = preset.token_parts if token_parts is None else token_parts
@@ -269,8 +269,7 @@ def preset_config(preset: Preset, token_parts: tuple[str, ...] | None = None):
         adverb_token_ids=[[0], [0], [0]],
         tie_word_embeddings=preset.text.get("tie_word_embeddings", False),
         llm_token_parts=list(preset.token_parts),
-        expert={**preset.expert, "tokens": "expert" in parts},
-        roi={**preset.roi, "enabled": "roi" in parts},
+        **token_part_fields(parts, preset.expert, preset.roi),
     )
 
 

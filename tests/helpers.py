@@ -11,11 +11,13 @@ import io
 import json
 import math
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import numpy as np
 import openai
 import torch
@@ -272,19 +274,40 @@ def official_expert_state(width=64, patches=16, levels=4, dim=32, seed=0):
     return state
 
 
-def save_tiny_llava(path: Path, seed: int = 1):
-    """A tiny llava-hf style LLaVA-OneVision checkpoint with tokenizer saved at `path`; returns the model."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+def tiny_llava_config(tokenizer, **config_kwargs):
+    """A stock transformers LlavaOnevisionConfig at the tiny test shapes, for `tokenizer` (`prepare_tokenizer`'d)."""
+    from transformers import LlavaOnevisionConfig
 
-    tokenizer = prepare_tokenizer(tiny_tokenizer())
-    config = LlavaOnevisionConfig(
+    return LlavaOnevisionConfig(
         vision_config=tiny_vision_config(),
         text_config=tiny_text_config(vocab_size=len(tokenizer)),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]],
+        **config_kwargs,
     )
+
+
+def save_tiny_llava(path: Path, seed: int = 1):
+    """A tiny llava-hf style LLaVA-OneVision checkpoint with tokenizer saved at `path`; returns the model."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    tokenizer = prepare_tokenizer(tiny_tokenizer())
+    config = tiny_llava_config(tokenizer, image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]])
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+def wait_for_app(process: subprocess.Popen, port: int, log: Path, timeout: float) -> None:
+    """Until the Gradio app that `process` runs answers on `port`; fails with its log if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
+        time.sleep(0.3)

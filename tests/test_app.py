@@ -10,10 +10,8 @@ import dataclasses
 import os
 import subprocess
 import sys
-import time
 
 import gradio as gr
-import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -31,7 +29,7 @@ from assistant.ui.blocks import SESSION_TTL_S
 from assistant.ui.handlers import ChatHandlers
 from assistant.ui.views import make_preview, verdict_label
 from assistant.verdict import Box, Verdict
-from tests.helpers import ROOT, defect_image, expected_answer
+from tests.helpers import ROOT, defect_image, expected_answer, wait_for_app
 
 
 @pytest.fixture(autouse=True)
@@ -235,16 +233,7 @@ def test_app_py_serves_the_app_on_the_given_model(tiny_path, part, tmp_path):
     with log.open("w") as output:
         server = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"app.py did not start:\n{log.read_text()}"
-            time.sleep(0.3)
+        wait_for_app(server, port, log, timeout=120)
         history, _, label, _, _, _ = ask(connect(f"http://127.0.0.1:{port}/"), "Is there a defect?", part)
         assert label["label"] in ("Normal", "Anomalous") and history[-1]["role"] == "assistant"
         assert f"backend: in-process model `{tiny_path}`" in log.read_text()

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -28,7 +27,7 @@ from assistant.factory import save_assistant
 from assistant.presets import EXPERT_ENDPOINT_ENV, PRESETS, TINY_EXPERT, TINY_ROI, ExpertDownload, Preset
 from assistant.serve.process import free_port
 from tests.fake_hub import FakeHub, hub_environment, skip_retry_waits
-from tests.helpers import ROOT, official_expert_state, save_tiny_llava
+from tests.helpers import ROOT, official_expert_state, save_tiny_llava, wait_for_app
 
 LLAVA_REPO = "llava-hf/tiny-ov-hf"
 EXPERT_REPOSITORY, EXPERT_COMMIT = "acme/Anomaly-OV", "0123456789abcdef0123456789abcdef01234567"
@@ -287,16 +286,7 @@ def test_the_app_pulls_converts_and_answers_on_a_preset(fake, tmp_path, image_fi
     with log.open("w") as output:
         app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert app.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
-            time.sleep(0.3)
+        wait_for_app(app, port, log, timeout=180)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False, analytics_enabled=False)
         history, _, label, _, _, _ = client.predict(
             "Is there a defect?", handle_file(image_file), None, 0.5, api_name="/chat"

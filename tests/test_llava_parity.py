@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import AutoImageProcessor, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
@@ -35,6 +35,7 @@ from assistant.factory import (
     tiny_vision_config,
 )
 from assistant.vision import VisionFeatureError, select_vision_features, spread_feature_layers
+from tests.helpers import tiny_llava_config
 
 CROP = 56  # tiny_vision_config: 56 px crops of 4x4 patches, 4 layers, width 64
 PINPOINTS = grid_pinpoints(CROP)  # 1x1 ... 6x6 tiles, as llava-hf's 384 px grid
@@ -77,13 +78,7 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
 def save_stock(path, **config_kwargs):
     """A tiny random llava-hf folder (weights, tokenizer, stock processor) and the stock model, in eval mode."""
     tokenizer = prepare_tokenizer(tiny_tokenizer())
-    config = LlavaOnevisionConfig(
-        vision_config=tiny_vision_config(),
-        text_config=tiny_text_config(vocab_size=len(tokenizer)),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=PINPOINTS,
-        **config_kwargs,
-    )
+    config = tiny_llava_config(tokenizer, image_grid_pinpoints=PINPOINTS, **config_kwargs)
     torch.manual_seed(1)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     normalise = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}  # SigLIP's, as llava-hf saves
@@ -272,13 +267,8 @@ def test_feature_selection_is_stocks_rule(layer, strategy):
     """`select_vision_features` picks what stock's `get_image_features` does, lists and "default" included, on
     the one input stock takes them for: multi-image crops, one per image with no grid to keep (the refusals
     below are about our image side, not the rule)."""
-    tokenizer = prepare_tokenizer(tiny_tokenizer())
-    config = LlavaOnevisionConfig(
-        vision_config=tiny_vision_config(),
-        text_config=tiny_text_config(vocab_size=len(tokenizer)),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy,
+    config = tiny_llava_config(
+        prepare_tokenizer(tiny_tokenizer()), vision_feature_layer=layer, vision_feature_select_strategy=strategy
     )
     torch.manual_seed(2)
     stock_model = LlavaOnevisionForConditionalGeneration(config).eval().model
