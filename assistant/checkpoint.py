@@ -13,9 +13,10 @@ server's inspect route, which has no LLM).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
-import os
 import shutil
 import warnings
 from collections import defaultdict
@@ -31,7 +32,7 @@ from .card import CARD_FILE, ModelCard, unknown_card
 from .config import AssistantConfig, Settings
 from .domain import DOMAIN_FILE
 from .errors import AssistantError
-from .files import atomic_path
+from .files import atomic_path, cache_dir
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
 from .vision import IMAGE_MODULES, ImageEncoder, ImageEncoderMixin
@@ -67,9 +68,15 @@ class BaseLLM:
             raise CheckpointError(f"{folder / self.gguf_file}: base model file missing from package {self.package}")
         return folder
 
+    def version(self) -> str:
+        """The installed package's version ("unknown" when it is not installed): its weights change with it."""
+        try:
+            return importlib.metadata.version(self.package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
     def cache_path(self) -> Path:
-        root = Path(os.environ.get("ANOMALY_ASSISTANT_CACHE", Path.home() / ".cache" / "anomaly-assistant"))
-        return root / f"{self.package}-{Path(self.gguf_file).stem}.safetensors"
+        return cache_dir() / f"{self.package}-{Path(self.gguf_file).stem}.safetensors"
 
     def text_config(self) -> dict:
         from transformers import AutoConfig
@@ -101,9 +108,13 @@ class BaseLLM:
 
 
 def load_base_llm(model: AssistantForConditionalGeneration, base: BaseLLM) -> None:
-    """Copy the base LLM into the model; embedding rows of tokens we added (`<image>`) are zeroed."""
-    own = model.state_dict()
-    for key, value in base.state_dict().items():
+    """Copy the base LLM into the model; embedding rows of tokens we added (`<image>`) are zeroed. Every LLM tensor
+    must come from the base (the model may have been built without initialising its weights)."""
+    own, state = model.state_dict(), base.state_dict()
+    uncovered = [key for key in own if key.startswith(LLM_PREFIX) and key not in state]
+    if uncovered:
+        raise CheckpointError(f"base LLM {base.gguf_file} lacks {uncovered[:3]} of the model's language model")
+    for key, value in state.items():
         if key not in own:
             continue  # e.g. lm_head when it is tied to the embeddings
         target = own[key]
@@ -180,22 +191,64 @@ def is_composed(path: str | Path) -> bool:
     return (Path(path) / BASE_LLM_FILE).is_file()
 
 
-def _compose(path: Path, config: AssistantConfig) -> AssistantForConditionalGeneration:
-    """Base LLM from its package + image side + merged LoRA adapter."""
-    from peft import PeftModel
+def _uninitialised_model(config: AssistantConfig) -> AssistantForConditionalGeneration:
+    """The model with its tensors allocated but not randomly initialised: every one is loaded right after."""
+    from transformers.initialization import no_init_weights
 
+    with no_init_weights():  # which also skips post_init's tying of the output head to the embeddings
+        model = AssistantForConditionalGeneration(config)
+    model.tie_weights()
+    return model
+
+
+def merged_cache_path(path: Path, base: BaseLLM) -> Path:
+    """Where the composed folder's merged weights are cached: named by the digest of everything they are made of
+    (the folder's config, image side and adapter, and the base LLM package's version), so a change is a new entry."""
+    base.gguf_folder()  # the base package must be installed, cached merge or not
+    digest = hashlib.sha256()
+    for name in ("config.json", IMAGE_SIDE_FILE, "adapter_config.json", "adapter_model.safetensors", BASE_LLM_FILE):
+        digest.update(name.encode())
+        with (path / name).open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    digest.update(f"{base.package}=={base.version()}/{base.gguf_file}".encode())
+    return cache_dir() / "merged" / f"{digest.hexdigest()[:32]}.safetensors"
+
+
+def _compose(path: Path, config: AssistantConfig) -> AssistantForConditionalGeneration:
+    """Base LLM from its package + image side + merged LoRA adapter; the merge is cached (`merged_cache_path`)."""
     base = BaseLLM(**json.loads((path / BASE_LLM_FILE).read_text(encoding="utf-8")))
     for required in (IMAGE_SIDE_FILE, "adapter_config.json", "adapter_model.safetensors"):
         if not (path / required).is_file():
             raise CheckpointError(f"{path}: incomplete composed checkpoint ({required} missing)")
-    model = AssistantForConditionalGeneration(config)
+    cache = merged_cache_path(path, base)
+    if cache.is_file():
+        state = load_file(str(cache))
+        if "lm_head.weight" in state:  # the merge untied the output head from the embeddings (a LoRA on either)
+            config.tie_word_embeddings = False
+        model = _uninitialised_model(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if not unexpected and set(missing) <= set(_tied_keys(model)):
+            return model
+    from peft import PeftModel  # only a first load merges
+
+    model = _uninitialised_model(config)
     load_base_llm(model, base)
     image_side = load_file(str(path / IMAGE_SIDE_FILE))
     missing = [key for key in model.state_dict() if key.startswith(IMAGE_SIDE_PREFIXES) and key not in image_side]
     if missing:
         raise CheckpointError(f"{path}: {IMAGE_SIDE_FILE} lacks {missing[:3]}")
     model.load_state_dict(image_side, strict=False)
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    tied = set(_tied_keys(merged))
+    with atomic_path(cache) as partial:  # a kill mid-write leaves no cache, never half of one
+        save_file({k: v.contiguous() for k, v in merged.state_dict().items() if k not in tied}, str(partial))
+    return merged
+
+
+def _tied_keys(model: AssistantForConditionalGeneration) -> list[str]:
+    """State-dict keys that share their tensor with another (the output head tied to the embeddings)."""
+    return ["lm_head.weight"] if model.config.tie_word_embeddings else []
 
 
 def checkpoint_config(path: str | Path, settings: Settings | None = None) -> AssistantConfig:

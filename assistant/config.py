@@ -142,6 +142,12 @@ class RoiConfig(_SubConfig):
     threshold_ratio: float = Field(0.9, gt=0.0, lt=1.0)  # binarise the map at min + ratio * (max - min)
     merge_overlap: float = 0.1  # merge boxes whose intersection / smaller area exceeds this
     pool: int = Field(2, ge=1)  # average pooling of each ROI crop's token grid
+    # where a box's tokens come from: "crops" re-encodes every box crop (Triad's rule, what checkpoints without this
+    # key were trained with), "tiles" pools the AnyRes tiles' features already computed (no second vision pass),
+    # "auto" re-encodes a box only where its crop samples the source at least `reencode_gain` times finer than the
+    # tiles do (a source finer than the tile canvas). An LLM reads the kind it was trained with (README, ROI cost).
+    tokens_from: Literal["auto", "tiles", "crops"] = "crops"
+    reencode_gain: float = Field(1.5, ge=1.0)
     newline: bool = False  # image_newline after every pooled row (Triad's 0-shot setting has none)
     source_max_side: int = Field(1024, ge=1)  # ROI crops are cut from the image scaled so its long side is at most this
     map_source: Literal["expert", "external"] = "expert"  # "external": maps come with the inputs (e.g. CLIP)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.cache_utils import Cache
 
 from .checkpoint import load_checkpoint
 from .config import Settings
@@ -72,9 +73,7 @@ class Conversation:
     answer_prefix: str = ""
 
     @classmethod
-    def start(
-        cls, image: ImageInput | None, question: str, references: Sequence[ImageInput] = ()
-    ) -> Conversation:
+    def start(cls, image: ImageInput | None, question: str, references: Sequence[ImageInput] = ()) -> Conversation:
         return cls(
             image=None if image is None else load_image(image, "image"),
             references=load_references(references),
@@ -127,9 +126,7 @@ class Scorer(Protocol):
 
 
 class Engine(Protocol):
-    def analyze(
-        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
-    ) -> Verdict:
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None) -> Verdict:
         """The decided verdict: fused score, decision, both sources, domain, heatmap and boxes; no text.
 
         Normal `references` or an enrolled `profile` (by name) drive the expert's evidence
@@ -267,6 +264,24 @@ def _image_key(images: Sequence[Image.Image], profile: Profile | None = None) ->
     if profile is not None:
         digest.update(f"profile:{profile.uid}".encode())
     return digest.hexdigest()
+
+
+@dataclass
+class _PromptCache:
+    """The KV cache a generation left: the images it saw and the token ids it holds, in order."""
+
+    images: str  # `_image_key` of the conversation's images
+    token_ids: list[int]
+    cache: Cache
+
+
+def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
 
 
 class ImageAnalyzer:
@@ -419,6 +434,7 @@ class LocalEngine(ImageAnalyzer):
     """In-process transformers backend: the full model's image side plus its language model."""
 
     model: AssistantForConditionalGeneration
+    _last_prompt: _PromptCache | None = None  # what the last single-conversation generation left (`_generate`)
 
     @classmethod
     def from_pretrained(
@@ -439,17 +455,18 @@ class LocalEngine(ImageAnalyzer):
         statistics = DomainModel.load(path, model.config.vision_config.hidden_size) if domain else None
         return cls(model.to(device), processor, roi_expert=roi_expert, domain=statistics, profiles=path)
 
-    def analyze(
-        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
-    ) -> Verdict:
+    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None) -> Verdict:
         check_one_source(references, profile)  # before any model call
         image, references = load_image(image, "image"), load_references(references)
         chosen = None if profile is None else self.profile(profile)
         return self.decide(image, references, yes_probability(self, image, references), chosen)
 
     # -- text -----------------------------------------------------------------------------------------
-    def _prompt_embeddings(self, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded input embeddings with every conversation's cached image embeddings merged in."""
+    def _prompt_embeddings(
+        self, conversations: Sequence[Conversation]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded input embeddings with every conversation's cached image embeddings merged in, their attention
+        mask and token ids."""
         texts = [
             self.processor.apply_chat_template(
                 c.chat(),
@@ -466,7 +483,38 @@ class LocalEngine(ImageAnalyzer):
         image_embeddings = [self._encode(c.images).embeddings for c in conversations if c.images]
         if image_embeddings:
             embeds = self.model.model.merge_image_embeddings(input_ids, embeds, torch.cat(image_embeddings))
-        return embeds, batch["attention_mask"].to(self.device)
+        return embeds, batch["attention_mask"].to(self.device), input_ids
+
+    def _generate(self, conversations: Sequence[Conversation], max_new_tokens: int, **options) -> torch.Tensor:
+        """Greedy `generate` over the conversations' prompts (the caller holds the lock): the new token ids.
+
+        One conversation continues the KV cache of the last one where their prompts share a prefix (the same images
+        and the same tokens up to there): the next turn of a chat, or inspect's defect question after its reasoning,
+        prefills only what is new instead of the whole prompt with its thousands of image tokens.
+        """
+        embeds, mask, input_ids = self._prompt_embeddings(conversations)
+        last, self._last_prompt = self._last_prompt, None
+        key = _image_key(conversations[0].images) if len(conversations) == 1 else None
+        reuse = {}
+        if key is not None and last is not None and last.images == key:
+            shared = _common_prefix(last.token_ids, input_ids[0].tolist())
+            if 0 < shared < input_ids.shape[1]:  # at least one new token to prefill
+                if shared < len(last.token_ids):
+                    last.cache.crop(shared - len(last.token_ids))
+                reuse = {"past_key_values": last.cache}
+        output = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            return_dict_in_generate=True,
+            **reuse,
+            **self._generation_kwargs(max_new_tokens),
+            **options,
+        )
+        if key is not None:
+            held = input_ids[0].tolist() + output.sequences[0, :-1].tolist()  # the last token was never fed
+            if output.past_key_values is not None and output.past_key_values.get_seq_length() == len(held):
+                self._last_prompt = _PromptCache(key, held, output.past_key_values)
+        return output.sequences
 
     def _generation_kwargs(self, max_new_tokens: int) -> dict:
         tokenizer = self.processor.tokenizer
@@ -480,10 +528,7 @@ class LocalEngine(ImageAnalyzer):
     def complete(self, conversations: Sequence[Conversation], max_new_tokens: int = 256) -> list[str]:
         """Greedy answers for a batch of conversations (one padded generate call)."""
         with self._lock, torch.inference_mode():
-            embeds, mask = self._prompt_embeddings(conversations)
-            tokens = self.model.generate(
-                inputs_embeds=embeds, attention_mask=mask, **self._generation_kwargs(max_new_tokens)
-            )
+            tokens = self._generate(conversations, max_new_tokens)
         answers = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return [c.answer_prefix + answer for c, answer in zip(conversations, answers)]
 
@@ -496,19 +541,16 @@ class LocalEngine(ImageAnalyzer):
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
         stop = threading.Event()
         with self._lock:
-            with torch.inference_mode():
-                embeds, mask = self._prompt_embeddings([conversation])
             errors: list[BaseException] = []
 
             def generate() -> None:
                 try:
                     with torch.inference_mode():
-                        self.model.generate(
-                            inputs_embeds=embeds,
-                            attention_mask=mask,
+                        self._generate(
+                            [conversation],
+                            max_new_tokens,
                             streamer=streamer,
                             stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
-                            **self._generation_kwargs(max_new_tokens),
                         )
                 except BaseException as error:  # surfaced in the caller's thread below
                     errors.append(error)
@@ -535,7 +577,7 @@ class LocalEngine(ImageAnalyzer):
         """
         choice_ids = choice_token_ids(self.processor.tokenizer, choices)
         with self._lock, torch.inference_mode():
-            embeds, mask = self._prompt_embeddings(conversations)
+            embeds, mask, _ = self._prompt_embeddings(conversations)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1

@@ -17,6 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"  # folders being written; never read as finished state
+CACHE_ENV = "ANOMALY_ASSISTANT_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where downloaded, converted and merged weights are kept: $ANOMALY_ASSISTANT_CACHE, else
+    $HF_HOME/anomaly-assistant (beside huggingface_hub's own cache)."""
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(os.environ.get(CACHE_ENV) or Path(home) / "anomaly-assistant")
 
 
 @contextmanager

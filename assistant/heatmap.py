@@ -30,6 +30,21 @@ def assemble_heatmap(
     return (base + tiles) / 2
 
 
+def tile_regions(
+    boxes: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int], side: int, source_size: tuple[int, int]
+) -> torch.Tensor:
+    """Boxes [K, 4] (x0, y0, x1, y1 in source pixels) -> the same regions on the tiles' patch grid [K, 4]
+    (continuous patch coordinates): the inverse of `assemble_heatmap`'s placement of the tiles' map."""
+    rows, cols = grid
+    content_rows, content_cols = tile_content((rows * side, cols * side), image_size, keep_one=True)
+    source_h, source_w = source_size
+    scale_x = (content_cols.stop - content_cols.start) / source_w
+    scale_y = (content_rows.stop - content_rows.start) / source_h
+    scale = boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+    offset = boxes.new_tensor([content_cols.start, content_rows.start, content_cols.start, content_rows.start])
+    return boxes * scale + offset
+
+
 def crop_targets(mask: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int], side: int) -> torch.Tensor:
     """[H, W] defect mask -> [1 + rows*cols, side, side] patch targets laid out like the crop maps.
 

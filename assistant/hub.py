@@ -20,10 +20,9 @@ import shutil
 from pathlib import Path
 
 from .errors import AssistantError
-from .files import partial_dir, publish_dir, write_text_atomic
+from .files import cache_dir, partial_dir, publish_dir, write_text_atomic
 from .presets import ExpertDownload, Preset, get_preset, list_models
 
-CACHE_ENV = "ANOMALY_ASSISTANT_CACHE"
 PULLED_FILE = "pulled.json"  # in a converted folder: what it was made from (repo commit, expert blob)
 # What the assistant reads of a llava-hf repository: weights, configs, tokenizer, chat template.
 LLAVA_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
@@ -33,11 +32,6 @@ CHUNK = 1 << 20
 
 class DownloadError(AssistantError, RuntimeError):
     """Weights that could not be fetched or verified; the message says what to get, from where, and where to."""
-
-
-def cache_dir() -> Path:
-    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
-    return Path(os.environ.get(CACHE_ENV) or Path(home) / "anomaly-assistant")
 
 
 def offline() -> bool:

@@ -81,6 +81,9 @@ TINY_EXPERT = MappingProxyType(
     {"feature_layers": [1, 2, 3, 4], "embedding_dim": 32, "class_dim": 32, "attention_dim": 32, "predictor_dim": 32}
 )
 TINY_ROI = MappingProxyType({"source_max_side": 224})
+# Real towers' ROI tokens: pooled from the tiles (re-encoded only where the source is finer), 6 x 6 per box: at most
+# 1.1x stock LLaVA-OneVision's forward at 384-1152 px (benchmarks/bench_real_shape.py, README).
+REAL_ROI = MappingProxyType({"tokens_from": "auto", "pool": 4})
 DEMO_CROP = 128
 DEMO_VISION = MappingProxyType({
     "model_type": "siglip_vision_model",
@@ -224,6 +227,7 @@ for _size, _text, _blob in (
         "pulled",
         SIGLIP_SO400M,
         _text,
+        roi=REAL_ROI,
         image={"vision_aspect_ratio": "anyres_max_9"},
         llava_repo=f"llava-hf/llava-onevision-qwen2-{_size}-ov-hf",
         expert_file=ExpertDownload(f"pretrained_expert_{_size.replace('.', '')}.pth", _blob),

@@ -10,6 +10,7 @@ embeddings).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -23,10 +24,10 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionMultiModalProjector,
 )
 
-from .config import AssistantConfig, DecisionConfig
+from .config import AssistantConfig, DecisionConfig, RoiConfig
 from .errors import AssistantError
 from .expert import AnomalyExpert, ExpertOutput
-from .heatmap import assemble_heatmap
+from .heatmap import assemble_heatmap, tile_regions
 from .layout import ImageLayout, image_layout
 from .references import PatchBank, ReferenceEvidence, fuse, image_distances
 from .roi import roi_boxes
@@ -119,19 +120,50 @@ def suspicion_level(scores: torch.Tensor, thresholds: list[float]) -> list[int]:
 
 
 def crop_regions(
-    source: torch.Tensor, boxes: list[Box], size: int, mean: list[float], std: list[float]
+    source: torch.Tensor, corners: Sequence[tuple[int, int, int, int]], size: int, mean: list[float], std: list[float]
 ) -> torch.Tensor:
-    """Cut boxes out of a uint8 [3, h, w] image, resize to size x size, normalise like the image processor."""
+    """Cut boxes (x0, y0, x1, y1) out of a uint8 [3, h, w] image, resize to size x size, normalise like the image
+    processor."""
     crops = [
         F.interpolate(
             source[None, :, y0:y1, x0:x1].float(), (size, size), mode="bicubic", align_corners=False, antialias=True
         )
-        for x0, y0, x1, y1 in (box.corners for box in boxes)
+        for x0, y0, x1, y1 in corners
     ]
     pixels = torch.cat(crops).clamp(0, 255) / 255.0
     mean_t = torch.tensor(mean, device=pixels.device)[None, :, None, None]
     std_t = torch.tensor(std, device=pixels.device)[None, :, None, None]
     return (pixels - mean_t) / std_t
+
+
+def reencode_boxes(regions: torch.Tensor, side: int, roi: RoiConfig) -> torch.Tensor:
+    """[K] which boxes to re-encode: a box's crop has `side` patches across; its region on the tiles has as many
+    patches as `regions` [K, 4] spans. Re-encoding pays only where the crop is finer (`RoiConfig.tokens_from`)."""
+    if roi.tokens_from != "auto":
+        return torch.full((regions.shape[0],), roi.tokens_from == "crops", dtype=torch.bool)
+    spans = torch.maximum(regions[:, 2] - regions[:, 0], regions[:, 3] - regions[:, 1])
+    return (side / spans.clamp(min=1e-6) >= roi.reencode_gain).cpu()
+
+
+def pool_regions(feature_map: torch.Tensor, regions: torch.Tensor, out: int) -> torch.Tensor:
+    """RoIAlign: the mean of bilinear samples over each of out x out bins of every region [K, 4] (continuous
+    x0, y0, x1, y1 on the [H, h, w] map) -> [K, out, out, H]. Written with grid_sample (no torchvision, which the
+    vLLM environment lacks); `ratio` samples per bin side follow the largest region, as RoIAlign's adaptive rule."""
+    hidden, height, width = feature_map.shape
+    spans = torch.maximum(regions[:, 2] - regions[:, 0], regions[:, 3] - regions[:, 1])
+    ratio = max(1, math.ceil(float(spans.max()) / out))
+    steps = (torch.arange(out * ratio, device=regions.device, dtype=regions.dtype) + 0.5) / (out * ratio)
+    xs = regions[:, 0:1] + steps * (regions[:, 2:3] - regions[:, 0:1])  # [K, S] in map units
+    ys = regions[:, 1:2] + steps * (regions[:, 3:4] - regions[:, 1:2])
+    normalised = torch.stack(
+        torch.broadcast_tensors((xs[:, None, :] * 2 / width - 1), (ys[:, :, None] * 2 / height - 1)),
+        dim=-1,
+    )  # [K, S, S, 2] as (x, y)
+    source = feature_map[None].expand(regions.shape[0], -1, -1, -1)
+    samples = F.grid_sample(
+        source, normalised.to(feature_map), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return F.avg_pool2d(samples, ratio).permute(0, 2, 3, 1)
 
 
 class VisionFeatureError(AssistantError, ValueError):
@@ -322,34 +354,83 @@ class ImageEncoderMixin:
 
     def _roi_tokens(
         self,
-        sources: Sequence[torch.Tensor],
+        projected: Sequence[torch.Tensor],
+        layouts: list[ImageLayout],
+        sources: Sequence[torch.Tensor] | None,
+        image_sizes: list[tuple[int, int]],
         sizes: list[tuple[int, int]],
         boxes: list[list[Box]],
+    ) -> list[torch.Tensor]:
+        """Each query's ROI tokens [K * q * q (+ newlines), H], K boxes of q x q (`roi.pool`) tokens.
+
+        A box's tokens are pooled from the query's projected tile features (`projected`, [crops, N, H]) unless
+        `roi.tokens_from` asks for its crop to be re-encoded (`reencode_boxes`); the crops that are, of every
+        query, go through the vision tower in one pass.
+        """
+        roi, side = self.config.roi, self.config.patches_per_side
+        out = side // roi.pool
+        hidden = projected[0].shape[-1]
+        regions = [
+            tile_regions(
+                torch.tensor([box.corners for box in image_boxes], dtype=torch.float32, device=features.device),
+                image_size,
+                layout.grid,
+                side,
+                size,
+            )
+            for features, layout, image_size, size, image_boxes in zip(projected, layouts, image_sizes, sizes, boxes)
+        ]
+        encode = [reencode_boxes(region, side, roi) for region in regions]
+        encoded = iter(self._encode_regions(sources, sizes, boxes, encode, projected[0].device))  # in box order
+        tokens = []
+        for features, layout, region, chosen in zip(projected, layouts, regions, encode):
+            rows, cols = layout.grid
+            tiles = features[1:].view(rows, cols, side, side, hidden).permute(4, 0, 2, 1, 3)
+            pooled = pool_regions(tiles.reshape(hidden, rows * side, cols * side), region, out)
+            tokens.append(torch.stack([next(encoded).to(box) if again else box for box, again in zip(pooled, chosen)]))
+        if roi.newline:
+            tokens = [
+                torch.cat([grid, self.image_newline.to(grid)[None, None, None].expand(*grid.shape[:2], 1, hidden)], 2)
+                for grid in tokens
+            ]
+        return [grid.reshape(-1, hidden) for grid in tokens]
+
+    def _encode_regions(
+        self,
+        sources: Sequence[torch.Tensor] | None,
+        sizes: list[tuple[int, int]],
+        boxes: list[list[Box]],
+        encode: list[torch.Tensor],
         device: torch.device,
     ) -> list[torch.Tensor]:
-        """Encode every query's ROI crops in one vision pass, pool them and add optional row newlines."""
-        roi = self.config.roi
+        """The boxes marked in `encode`, of every query in order, cut from their sources and encoded in one vision
+        pass, each distinct box of an image once (small images repeat the whole-image box): one [q, q, H] per
+        marked box (Triad's ROI tokens: projected, `roi.pool`-averaged)."""
+        marked = [[box.corners for box, again in zip(b, e.tolist()) if again] for b, e in zip(boxes, encode)]
+        if not any(marked):
+            return []
+        if sources is None:
+            raise ValueError("ROI crops are re-encoded but roi_pixel_values were not given")
+        config, side = self.config, self.config.patches_per_side
+        distinct = [list(dict.fromkeys(corners)) for corners in marked]
         crops = torch.cat(
             [
                 crop_regions(
-                    source.to(device)[:, :h, :w],
-                    image_boxes,
-                    self.config.crop_size,
-                    self.config.image_mean,
-                    self.config.image_std,
+                    source.to(device)[:, :h, :w], unique, config.crop_size, config.image_mean, config.image_std
                 )
-                for source, (h, w), image_boxes in zip(sources, sizes, boxes)
+                for source, (h, w), unique in zip(sources, sizes, distinct)
+                if unique
             ]
         )
         features, _ = self.vision_features(crops)
-        features = self.multi_modal_projector(features)  # [Q*K, N, H]
-        side, hidden = self.config.patches_per_side, features.shape[-1]
-        grid = features.transpose(1, 2).reshape(-1, hidden, side, side)
-        grid = F.avg_pool2d(grid, roi.pool).permute(0, 2, 3, 1)  # [Q*K, q, q, H]
-        if roi.newline:
-            newline = self.image_newline.to(grid)[None, None, None].expand(*grid.shape[:2], 1, hidden)
-            grid = torch.cat([grid, newline], dim=2)
-        return list(grid.reshape(len(sizes), -1, hidden))
+        features = self.multi_modal_projector(features)  # [crops, N, H]
+        grid = features.transpose(1, 2).reshape(len(crops), -1, side, side)
+        pooled = F.avg_pool2d(grid, config.roi.pool).permute(0, 2, 3, 1)
+        tokens, start = [], 0
+        for corners, unique in zip(marked, distinct):
+            tokens += [pooled[start + unique.index(box)] for box in corners]
+            start += len(unique)
+        return tokens
 
     def encode_images(
         self,
@@ -375,8 +456,9 @@ class ImageEncoderMixin:
         final, analysis = self.analyze_queries(pixel_values, image_sizes, image_is_query, source_sizes, bank=bank)
         layouts = self.image_layouts(image_sizes, image_is_query)
         projected = self.multi_modal_projector(final)
+        per_image = list(torch.split(projected, [layout.num_crops for layout in layouts]))
         base_tokens, _ = self.pack_image_features(
-            list(torch.split(projected, [layout.num_crops for layout in layouts])),
+            per_image,
             image_sizes,
             self.image_newline,
             config.vision_aspect_ratio,
@@ -402,7 +484,9 @@ class ImageEncoderMixin:
             detected.append(found)
             crops.append(chosen)
         if roi.enabled:
-            roi_tokens = self._roi_tokens(roi_pixel_values, sizes, crops, final.device)
+            query_features = [f for f, layout in zip(per_image, layouts) if layout.is_query]
+            model_sizes = [tuple(s) for s in image_sizes[image_is_query].tolist()]
+            roi_tokens = self._roi_tokens(query_features, analysis.layouts, roi_pixel_values, model_sizes, sizes, crops)
 
         sequences, query_index = [], 0
         for layout, base in zip(layouts, base_tokens):

@@ -1,24 +1,26 @@
-"""The assistant at the exact LLaVA-OneVision-0.5B shapes on CPU: tokens, seconds per stage, memory, and the cost
-of the expert + ROI path against stock transformers LLaVA-OneVision on the same weights and image.
+"""What the expert and ROI tokens cost against stock LLaVA-OneVision, at mid and at LLaVA-OneVision-0.5B shapes, CPU.
 
-Random weights built from the registry's shapes (`assistant.presets`: SigLIP-so400m 384/14 + Qwen2-0.5B,
-vocabulary 151,936, Anomaly-OV's expert at its published sizes, Triad's ROI tokens on), so nothing is downloaded.
-For each image side the image goes through the processor (AnyRes, the official 1024 px rule) and then:
+One set of random weights is built at the chosen shapes and loaded into both our model and stock transformers
+`LlavaOnevisionForConditionalGeneration`, so nothing is downloaded:
 
-    vision    SigLIP on every crop (the base crop and the AnyRes tiles)
-    expert    the rest of the expert's analysis (LTFM maps, token selector, scores, heatmap)
-    ROI       the ROI crops cut from the source image, encoded and pooled, plus AnyRes packing
-    prefill   the LLM over the whole prompt (base + expert + ROI + text tokens)
-    decode    greedy tokens with the KV cache
-    stock     `LlavaOnevisionForConditionalGeneration` forward (vision + packing + LLM prefill over base + text
-              tokens) with the same weights: the ratio is ours (vision + expert + ROI + prefill) / stock
-    inspect   `assistant.engine.inspect` (P(Yes), the verdict, a reasoning answer of --new-tokens tokens) and one
-              follow-up chat turn, wall time through the engine
+    mid    SigLIP 12 layers x 768 (384 px, patch 14) + a 6-layer Qwen2 at 0.5B's width and vocabulary
+    0.5b   SigLIP-so400m 384/14 (26 layers) + Qwen2-0.5B, vocabulary 151,936 (the `anomaly-ov-0.5b` preset)
 
-Peak memory is the process's peak resident set after the side's runs (it only grows; sides run in increasing order).
+with Anomaly-OV's expert at its published sizes and Triad's ROI tokens on (the real presets' ROI settings unless
+`--tokens-from` / `--pool` say otherwise). Each image goes through the processor
+(AnyRes, the official 1024 px rule) and three forwards are timed in turn, A/B/C per repeat (image encode + LLM
+prefill over the whole prompt, no decoding; one warm-up round at the first side):
 
-    python benchmarks/bench_real_shape.py                       # 384, 768, 1024, 1152 px; 2 threads
-    python benchmarks/bench_real_shape.py --sides 384 --repeats 1
+    stock        stock's image encode, AnyRes packing and prefill over its base + text tokens
+    ours         our image side (vision, expert, ROI tokens) and prefill over base + expert + ROI + text tokens
+    without ROI  ours with `roi.enabled=false` (Anomaly-OV's layout)
+
+"ROI share" is (ours - without ROI) / ours. `--tokens-from` and `--pool` set the ROI tokens' source and count
+(`RoiConfig`); `--stages` adds the seconds of the image side's stages for ours. Peak memory is the process's peak
+resident set so far (it only grows; sides run in increasing order).
+
+    python benchmarks/bench_real_shape.py --shapes mid --sides 384 768 1024 1152
+    python benchmarks/bench_real_shape.py --shapes 0.5b --tokens-from crops --pool 2      # Triad's re-encoding
 """
 
 from __future__ import annotations
@@ -38,24 +40,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import LlavaOnevisionForConditionalGeneration  # noqa: E402
 
-from assistant.config import Settings  # noqa: E402
-from assistant.engine import Conversation, LocalEngine, inspect  # noqa: E402
+from assistant.config import RoiConfig, Settings  # noqa: E402
 from assistant.factory import create_assistant, tiny_tokenizer  # noqa: E402
-from assistant.presets import get_preset  # noqa: E402
+from assistant.presets import QWEN2_05B, REAL_ROI, SIGLIP_SO400M  # noqa: E402
 from assistant.processing import AssistantProcessor  # noqa: E402
+from assistant.vision import spread_feature_layers  # noqa: E402
 
 PROMPT = "Are there any defects for the object in the image? Please reply with 'Yes' or 'No'."
-
-
-def timed(function, repeats: int):
-    """(median seconds, last result) over `repeats` calls after one warm-up call."""
-    result = function()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
+SHAPES = {
+    "mid": (
+        {
+            **SIGLIP_SO400M,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+        },
+        {**QWEN2_05B, "num_hidden_layers": 6},
+    ),
+    "0.5b": (dict(SIGLIP_SO400M), dict(QWEN2_05B)),
+}
 
 
 def photo(side: int, seed: int = 0) -> Image.Image:
@@ -66,110 +70,140 @@ def photo(side: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def build(seed: int = 0):
-    preset = get_preset("anomaly-ov-0.5b")
-    model, processor = create_assistant(dict(preset.vision), dict(preset.text), tiny_tokenizer(), seed=seed)
+def build(shapes: str, roi: dict, seed: int = 0):
+    vision, text = SHAPES[shapes]
+    expert = {"feature_layers": spread_feature_layers(vision["num_hidden_layers"])}
+    model, processor = create_assistant(vision, text, tiny_tokenizer(), seed=seed, expert=expert, roi=roi)
     stock = LlavaOnevisionForConditionalGeneration(model.config)  # the same config: stock reads its LLaVA fields
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(key.startswith("model.anomaly_expert.") for key in unexpected), (missing, unexpected)
     return model.eval(), processor, stock.eval()
 
 
-def measure(model, processor, stock, side: int, repeats: int, new_tokens: int) -> dict:
+def variant(processor: AssistantProcessor, settings: Settings) -> AssistantProcessor:
+    config = processor.config.__class__.from_dict(processor.config.to_dict())
+    config.apply_settings(settings)
+    return AssistantProcessor(processor.image_processor, processor.tokenizer, config=config)
+
+
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_is_query", "source_sizes", "roi_pixel_values")
+
+
+def measure(model, processor, stock, side: int, repeats: int, stages: bool, warmup: bool) -> dict:
     image = photo(side)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
         add_generation_prompt=True,
     )
-    inputs = processor(text=text, images=[image])
-    core = model.model
-    layout = processor.layout((image.height, image.width))
-    images = {key: inputs[key] for key in ("pixel_values", "image_sizes", "image_is_query", "source_sizes")}
-    levels = model.config.expert.feature_layers
-    with torch.inference_mode():
-        vision, _ = timed(lambda: core.vision_features(inputs["pixel_values"], levels), repeats)
-        analysis, _ = timed(lambda: core.analyze_queries(**images), repeats)
-        encode, encoding = timed(
-            lambda: core.encode_images(**images, roi_pixel_values=inputs["roi_pixel_values"]), repeats
-        )
-        prefill, output = timed(
-            lambda: model(input_ids=inputs["input_ids"], image_embeddings=encoding.embeddings, use_cache=True),
-            repeats,
-        )
-        token = output.logits[:, -1:].argmax(-1)
+    ours_processor = processor
+    plain = variant(processor, Settings(roi={"enabled": False}))
+    base = variant(processor, Settings(expert={"tokens": False}, roi={"enabled": False}))
+    inputs = {
+        name: p(text=text, images=[image]) for name, p in (("ours", ours_processor), ("plain", plain), ("stock", base))
+    }
+    config, core = model.config, model.model
+    roi = config.roi
 
-        cache, step = output.past_key_values, token
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            step = model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        decode_seconds = time.perf_counter() - start
-        base_config = model.config.__class__.from_dict(model.config.to_dict())
-        base_config.apply_settings(Settings(expert={"tokens": False}, roi={"enabled": False}))
-        stock_processor = AssistantProcessor(processor.image_processor, processor.tokenizer, config=base_config)
-        stock_inputs = stock_processor(text=text, images=[image])  # stock's prompt: base tokens only
-        stock_seconds, _ = timed(
-            lambda: stock(
-                input_ids=stock_inputs["input_ids"],
-                pixel_values=stock_inputs["pixel_values"][None],
-                image_sizes=stock_inputs["image_sizes"],
-            ),
-            repeats,
-        )
-    engine = LocalEngine(model, processor, cache_size=2)
-    start = time.perf_counter()
-    verdict = inspect(engine, image, max_new_tokens=new_tokens)
-    inspect_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    conversation = Conversation.start(image, PROMPT).answer(verdict.reasoning).ask("Where is it?")
-    engine.complete([conversation], new_tokens)
-    chat_seconds = time.perf_counter() - start
-    ours = encode + prefill
+    def ours(name: str, roi_config: RoiConfig):
+        config.roi = roi_config
+        batch = inputs[name]
+        encoding = core.encode_images(**{key: batch[key] for key in IMAGE_KEYS if key in batch})
+        return model(input_ids=batch["input_ids"], image_embeddings=encoding.embeddings, use_cache=True)
+
+    calls = {
+        "stock": lambda: stock(
+            input_ids=inputs["stock"]["input_ids"],
+            pixel_values=inputs["stock"]["pixel_values"][None],
+            image_sizes=inputs["stock"]["image_sizes"],
+        ),
+        "ours": lambda: ours("ours", roi),
+        "plain": lambda: ours("plain", roi.model_copy(update={"enabled": False})),
+    }
+    seconds = {name: [] for name in calls}
+    with torch.inference_mode():
+        if warmup:  # first-call allocations out of the timings (once per process: the smallest side)
+            for call in calls.values():
+                call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                seconds[name].append(time.perf_counter() - start)
+        config.roi = roi
+        stage = {}
+        if stages:
+            batch = {key: inputs["ours"][key] for key in IMAGE_KEYS}
+            levels = config.expert.feature_layers
+            for name, call in (
+                ("vision", lambda: core.vision_features(batch["pixel_values"], levels)),
+                ("analysis", lambda: core.analyze_queries(**{k: batch[k] for k in IMAGE_KEYS[:4]})),
+                ("encode", lambda: core.encode_images(**batch)),
+            ):
+                start = time.perf_counter()
+                call()
+                stage[name] = time.perf_counter() - start
+    ratio = [o / s for o, s in zip(seconds["ours"], seconds["stock"])]
+    plain_ratio = [p / s for p, s in zip(seconds["plain"], seconds["stock"])]
+    share = [(o - p) / o for o, p in zip(seconds["ours"], seconds["plain"])]
+    layout = ours_processor.layout((image.height, image.width))
     return {
         "side": side,
         "grid": "x".join(map(str, layout.grid)),
         **layout.part_counts,
-        "prompt": int(inputs["input_ids"].shape[1]),
-        "vision": vision,
-        "expert_s": analysis - vision,
-        "roi_s": encode - analysis,
-        "prefill": prefill,
-        "decode": new_tokens / decode_seconds,
-        "stock": stock_seconds,
-        "ratio": ours / stock_seconds,
-        "inspect": inspect_seconds,
-        "chat": chat_seconds,
+        "tokens": {name: int(batch["input_ids"].shape[1]) for name, batch in inputs.items()},
+        "seconds": {name: statistics.median(values) for name, values in seconds.items()},
+        "ratio": statistics.median(ratio),
+        "plain_ratio": statistics.median(plain_ratio),
+        "share": statistics.median(share),
+        "stage": stage,
         "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
     }
 
 
-HEADER = (
-    "| image | AnyRes | LLM tokens: base / expert / ROI (prompt) | vision (s) | expert (s) | ROI (s) | prefill (s) "
-    "| decode (tok/s) | stock forward (s) | ours / stock | inspect (s) | chat turn (s) | peak RSS (GB) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
-
-
 def row(r: dict) -> str:
+    tokens, seconds, stage = r["tokens"], r["seconds"], r["stage"]
+    stages = ""
+    if stage:
+        stages = (
+            f" | {stage['vision']:.2f} / {stage['analysis'] - stage['vision']:.2f} / "
+            f"{stage['encode'] - stage['analysis']:.2f}"
+        )
     return (
-        f"| {r['side']} px | {r['grid']} | {r['base']:,} / {r['expert']} / {r['roi']} ({r['prompt']:,}) "
-        f"| {r['vision']:.2f} | {r['expert_s']:.2f} | {r['roi_s']:.2f} | {r['prefill']:.2f} | {r['decode']:.1f} "
-        f"| {r['stock']:.2f} | {r['ratio']:.2f} | {r['inspect']:.1f} | {r['chat']:.1f} | {r['peak_gb']:.1f} |"
+        f"| {r['side']} px | {r['grid']} | {r['base']:,} / {r['expert']} / {r['roi']} "
+        f"| {tokens['stock']:,} / {tokens['ours']:,} / {tokens['plain']:,} "
+        f"| {seconds['stock']:.2f} / {seconds['ours']:.2f} / {seconds['plain']:.2f} "
+        f"| {r['ratio']:.2f} | {r['plain_ratio']:.2f} | {100 * r['share']:.0f}%{stages} | {r['peak_gb']:.1f} |"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="mid")
     parser.add_argument("--sides", type=int, nargs="+", default=[384, 768, 1024, 1152])
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls per stage after one warm-up")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed A/B/C rounds (one warm-up round first)")
+    parser.add_argument("--tokens-from", choices=["auto", "tiles", "crops"], default=REAL_ROI["tokens_from"])
+    parser.add_argument("--pool", type=int, default=REAL_ROI["pool"], help="ROI tokens per box: (27 // pool)^2")
+    parser.add_argument("--stages", action="store_true", help="also time vision / expert / ROI of ours once")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, processor, stock = build()
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, random weights at anomaly-ov-0.5b shapes")
-    print(HEADER, flush=True)
-    for side in sorted(args.sides):
-        print(row(measure(model, processor, stock, side, args.repeats, args.new_tokens)), flush=True)
+    model, processor, stock = build(args.shapes, {"tokens_from": args.tokens_from, "pool": args.pool})
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"{args.shapes} shapes ({parameters:.0f}M parameters), ROI tokens from {args.tokens_from}, pool {args.pool}; "
+        f"torch {torch.__version__}, {args.threads} thread(s), fp32, random weights; median of {args.repeats}"
+    )
+    print(
+        "| image | AnyRes | our LLM tokens: base / expert / ROI | prompt tokens: stock / ours / without ROI "
+        "| seconds: stock / ours / without ROI | ours / stock | without ROI / stock | ROI share"
+        + (" | ours: vision / expert / ROI (s)" if args.stages else "")
+        + " | peak RSS (GB) |\n|---|---|---|---|---|---|---|---|"
+        + ("---|" if args.stages else "")
+        + "---|",
+        flush=True,
+    )
+    for index, side in enumerate(sorted(args.sides)):
+        print(row(measure(model, processor, stock, side, args.repeats, args.stages, index == 0)), flush=True)
     return 0
 
 

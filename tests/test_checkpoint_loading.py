@@ -33,7 +33,9 @@ def composed(tmp_path, monkeypatch):
         for name, parameter in trained.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("ANOMALY_ASSISTANT_CACHE", str(tmp_path / "cache"))  # merged weights are cached there
     monkeypatch.setattr(BaseLLM, "state_dict", lambda self: base_llm)
+    monkeypatch.setattr(BaseLLM, "gguf_folder", lambda self: tmp_path)
     return save_composed(trained, processor, BaseLLM("some_llm_package", "m.gguf"), tmp_path / "c", torch.float32)
 
 

@@ -59,6 +59,44 @@ def test_follow_up_turns_reuse_the_cached_image(engine, monkeypatch):
     assert texts.count("<|im_start|>user") == 2 and texts.count("<image>") == 1
 
 
+def prefilled_lengths(engine: LocalEngine) -> list[int]:
+    """Records the tokens each language-model forward is given (the first one of a generation is its prefill)."""
+    lengths: list[int] = []
+    engine.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    return lengths
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_next_turn_continues_the_last_turns_kv_cache(tiny_path, streamed):
+    """A follow-up prefills only its new tokens (not the image's again) and answers exactly as a fresh engine."""
+    image = defect_image()
+    reusing, fresh = (LocalEngine.from_pretrained(tiny_path, device="cpu") for _ in range(2))
+
+    def answer(engine: LocalEngine, conversation: Conversation) -> str:
+        if streamed:
+            return "".join(engine.stream(conversation, max_new_tokens=6))
+        return engine.complete([conversation], max_new_tokens=6)[0]
+
+    first = answer(reusing, Conversation.start(image, INSPECTION_QUESTION))
+    follow_up = Conversation.start(image, INSPECTION_QUESTION).answer(first).ask(DEFECT_QUESTION)
+    lengths, fresh_lengths = prefilled_lengths(reusing), prefilled_lengths(fresh)
+    assert answer(reusing, follow_up) == answer(fresh, follow_up)
+    full = fresh_lengths[0]
+    assert full > reusing.processor.layout((image.height, image.width)).num_embeddings
+    assert lengths[0] < 40 < full  # the new turn's tokens only
+
+
+def test_another_image_of_the_same_size_is_prefilled_in_full(tiny_path):
+    """Token ids alone cannot tell two images apart (the same placeholders): the cache is keyed by the images too."""
+    engine = LocalEngine.from_pretrained(tiny_path, device="cpu")
+    engine.complete([Conversation.start(defect_image(seed=1), "Describe the part.")], max_new_tokens=4)
+    lengths = prefilled_lengths(engine)
+    engine.complete([Conversation.start(defect_image(seed=2), "Is it damaged?")], max_new_tokens=4)
+    assert lengths[0] > engine.processor.layout((120, 160)).num_embeddings
+
+
 def test_choice_probabilities_are_a_distribution(engine):
     conversations = [Conversation.start(defect_image(seed=s), "Defect? Yes or No.") for s in range(3)]
     probabilities = engine.choice_probabilities(conversations, ["Yes", "No"])
@@ -101,8 +139,15 @@ def test_cli_inspect_prints_a_valid_verdict_json(tiny_path, image_file, capsys, 
     overlay = tmp_path / "overlay.png"
     code = main(
         [
-            "inspect", image_file, "--model", str(tiny_path), "--json",
-            "--max-new-tokens", "4", "--heatmap-out", str(overlay),
+            "inspect",
+            image_file,
+            "--model",
+            str(tiny_path),
+            "--json",
+            "--max-new-tokens",
+            "4",
+            "--heatmap-out",
+            str(overlay),
         ]
     )
     assert code == 0

@@ -7,6 +7,9 @@ import torch
 
 from assistant import AssistantForConditionalGeneration, AssistantProcessor
 from assistant.factory import tiny_assistant
+from assistant.heatmap import tile_regions
+from assistant.layout import tile_content
+from assistant.vision import pool_regions
 from tests.helpers import defect_image, model_inputs
 
 
@@ -32,19 +35,100 @@ def test_forward_with_a_reference_image(tiny):
     assert torch.isfinite(out.logits).all()
 
 
-def test_roi_tokens_come_from_the_chosen_regions(tiny):
-    """Changing pixels inside the ROI crops changes the ROI embeddings; the rest of the layout is fixed."""
-    model, processor = tiny
-    inputs = model_inputs(processor, [defect_image()])
+def image_inputs(inputs) -> dict:
+    return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+
+
+def roi_embeddings(encoding) -> torch.Tensor:
+    layout = encoding.layouts[-1]
+    return encoding.embeddings[encoding.embeddings.shape[0] - layout.num_roi :]
+
+
+def test_reencoded_roi_tokens_come_from_the_chosen_regions():
+    """With crops re-encoded, changing the ROI source pixels changes the ROI embeddings and nothing else."""
+    model, processor = tiny_assistant(roi={"tokens_from": "crops"})
+    inputs = image_inputs(model_inputs(processor, [defect_image()]))
     with torch.no_grad():
-        first = model.encode_images(**{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
-        changed = dict(inputs)
-        changed["roi_pixel_values"] = 255 - inputs["roi_pixel_values"]
-        second = model.encode_images(**{k: v for k, v in changed.items() if k not in ("input_ids", "attention_mask")})
+        first = model.encode_images(**inputs)
+        second = model.encode_images(**{**inputs, "roi_pixel_values": 255 - inputs["roi_pixel_values"]})
     layout = first.layouts[0]
     roi_start = layout.num_embeddings - layout.num_roi
     torch.testing.assert_close(first.embeddings[:roi_start], second.embeddings[:roi_start])
     assert not torch.allclose(first.embeddings[roi_start:], second.embeddings[roi_start:])
+
+
+def test_roi_tokens_from_tiles_pool_the_boxes_on_the_tile_features():
+    """Without a second pass a box's tokens are its region of the projected tile map, RoIAlign-pooled: they follow
+    the box, not the ROI source pixels."""
+    model, processor = tiny_assistant(roi={"tokens_from": "tiles"})
+    inputs = image_inputs(model_inputs(processor, [defect_image()]))
+    core, config = model.model, model.config
+    with torch.no_grad():
+        encoding = model.encode_images(**inputs)
+        other = model.encode_images(**{**inputs, "roi_pixel_values": 255 - inputs["roi_pixel_values"]})
+        features, _ = core.vision_features(inputs["pixel_values"])
+        projected = core.multi_modal_projector(features)
+    torch.testing.assert_close(roi_embeddings(encoding), roi_embeddings(other))
+    side, (rows, cols) = config.patches_per_side, encoding.layouts[0].grid
+    hidden = projected.shape[-1]
+    tiles = projected[1:].view(rows, cols, side, side, hidden).permute(4, 0, 2, 1, 3).reshape(hidden, rows * side, -1)
+    boxes = torch.tensor([box.corners for box in encoding.analysis.roi_boxes[0]], dtype=torch.float32)
+    regions = tile_regions(
+        boxes, tuple(inputs["image_sizes"][0].tolist()), (rows, cols), side, tuple(inputs["source_sizes"][0].tolist())
+    )
+    expected = pool_regions(tiles, regions, side // config.roi.pool).reshape(-1, hidden)
+    torch.testing.assert_close(roi_embeddings(encoding), expected)
+    assert len({tuple(box.corners) for box in encoding.analysis.roi_boxes[0]}) > 1  # distinct regions, distinct tokens
+    per_box = roi_embeddings(encoding).view(len(boxes), -1, hidden)
+    assert not torch.allclose(per_box[0], per_box[1])
+
+
+@pytest.mark.parametrize("source_max_side, reencoded", [(896, True), (224, False)])
+def test_auto_reencodes_only_where_the_source_is_finer_than_the_tiles(source_max_side, reencoded):
+    """An 896 px photo with one small suspicious spot: its tiles are at most 336 px here, so a 56 px box of an 896 px
+    ROI source covers 1.5 tile patches and "auto" re-encodes it (4 patches); from a 224 px source the same box
+    covers 6 patches of the tiles, finer than its crop, and their features are pooled instead."""
+    image, spot = defect_image(896, 896), torch.zeros(896, 896)
+    spot[400:410, 600:610] = 1.0
+    text = "Are there any defects?"
+    embeddings = {}
+    for mode in ("auto", "crops", "tiles"):
+        roi = {"tokens_from": mode, "source_max_side": source_max_side, "map_source": "external", "max_boxes": 1}
+        model, processor = tiny_assistant(roi=roi)
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        inputs = image_inputs(processor(text=prompt, images=[image], roi_maps=[spot.numpy()]))
+        with torch.no_grad():
+            embeddings[mode] = roi_embeddings(model.encode_images(**inputs))
+    assert not torch.allclose(embeddings["crops"], embeddings["tiles"])
+    torch.testing.assert_close(embeddings["auto"], embeddings["crops" if reencoded else "tiles"])
+
+
+def test_pool_regions_averages_each_bin_of_a_region():
+    """On a map linear in x and y, bilinear samples are exact, so each bin's mean is its centre's value."""
+    height, width = 6, 8
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    feature_map = torch.stack([xs, ys]).float()  # channel 0 = x, channel 1 = y of each cell centre
+    regions = torch.tensor([[1.0, 1.0, 5.0, 5.0], [2.0, 0.0, 8.0, 6.0]])
+    pooled = pool_regions(feature_map, regions, 2)  # [2, 2, 2, 2]
+    torch.testing.assert_close(pooled[0, :, :, 0], torch.tensor([[2.0, 4.0], [2.0, 4.0]]))
+    torch.testing.assert_close(pooled[0, :, :, 1], torch.tensor([[2.0, 2.0], [4.0, 4.0]]))
+    torch.testing.assert_close(pooled[1, 0, :, 0], torch.tensor([3.5, 6.5]), atol=0.2, rtol=0)  # clamped at the edge
+
+
+def test_tile_regions_place_boxes_where_the_heatmap_puts_the_tiles():
+    """The whole source maps onto the tiles' unpadded content, as `assemble_heatmap` reads it back."""
+    side, grid, image_size, source = 4, (2, 3), (120, 160), (240, 320)
+    whole = tile_regions(torch.tensor([[0.0, 0.0, 320.0, 240.0]]), image_size, grid, side, source)
+    rows, cols = tile_content((grid[0] * side, grid[1] * side), image_size, keep_one=True)
+    torch.testing.assert_close(
+        whole[0], torch.tensor([cols.start, rows.start, cols.stop, rows.stop], dtype=torch.float32)
+    )
+    half = tile_regions(torch.tensor([[0.0, 0.0, 160.0, 120.0]]), image_size, grid, side, source)
+    torch.testing.assert_close(half[0, 2:] - half[0, :2], (whole[0, 2:] - whole[0, :2]) / 2)
 
 
 def test_external_roi_map_decides_the_boxes():

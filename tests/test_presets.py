@@ -25,7 +25,7 @@ def test_registry_lists_every_preset_with_costs_computed_from_its_shapes():
     assert presets.list_models() == ["tiny", "tiny-no-roi", "demo", "anomaly-ov-0.5b", "anomaly-ov-7b"]
     facts = presets.describe(presets.get_preset("anomaly-ov-0.5b"))
     # LLaVA-OneVision-0.5B on a 1024 px image: 7,371 base tokens (anyres_max_9), as stock transformers counts them.
-    assert facts.tokens == {"base": 7371, "expert": 48, "roi": 676}  # expert: its adverb + 47 tokens
+    assert facts.tokens == {"base": 7371, "expert": 48, "roi": 144}  # expert: adverb + 47 tokens; ROI: 4 x 6 x 6
     assert 0.89e9 < facts.parameters < 0.91e9  # llava-hf's 0.89 B + the expert
     seven = presets.describe(presets.get_preset("anomaly-ov-7b"))
     assert 8.0e9 < seven.parameters < 8.1e9 and seven.memory_gb > seven.weights_gb > 16
@@ -50,7 +50,7 @@ def test_models_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     for name in presets.list_models():
         assert f"| {name} |" in out
-    assert "7,371 / (48 off) / (676 off)" in out  # the stock LLM reads base tokens only
+    assert "7,371 / (48 off) / (144 off)" in out  # the stock LLM reads base tokens only
 
 
 def test_a_random_preset_is_built_once_into_the_cache(tmp_path, monkeypatch, capsys):
