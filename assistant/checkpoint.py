@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers.initialization import no_init_weights
 
 from .card import CARD_FILE, ModelCard, unknown_card
 from .config import AssistantConfig, Settings
@@ -193,8 +194,6 @@ def is_composed(path: str | Path) -> bool:
 
 def _uninitialised_model(config: AssistantConfig) -> AssistantForConditionalGeneration:
     """The model with its tensors allocated but not randomly initialised: every one is loaded right after."""
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():  # which also skips post_init's tying of the output head to the embeddings
         model = AssistantForConditionalGeneration(config)
     model.tie_weights()
@@ -348,6 +347,7 @@ def load_image_side(
         model = _compose(path, config)
     else:
         files = tensor_files(path)
-        model = ImageEncoder(config, _token_rows(files, [t for ids in config.adverb_token_ids for t in ids]))
+        with no_init_weights():  # every tensor is loaded right below (strictly)
+            model = ImageEncoder(config, _token_rows(files, [t for ids in config.adverb_token_ids for t in ids]))
         model.load_state_dict(_read_image_side(files), strict=True)
     return model.to(dtype), AssistantProcessor.from_pretrained(path, config=config)

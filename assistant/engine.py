@@ -576,11 +576,17 @@ class LocalEngine(ImageAnalyzer):
         This is how a chat answer gets a ranking score (e.g. P(Yes) for image AUROC).
         """
         choice_ids = choice_token_ids(self.processor.tokenizer, choices)
+        single = len(conversations) == 1  # its KV cache is kept: a reasoning turn about the image starts from it
         with self._lock, torch.inference_mode():
-            embeds, mask, _ = self._prompt_embeddings(conversations)
+            embeds, mask, input_ids = self._prompt_embeddings(conversations)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1
-            ).logits
+            output = self.model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=single
+            )
+            self._last_prompt = None
+            if single:
+                key = _image_key(conversations[0].images)
+                self._last_prompt = _PromptCache(key, input_ids[0].tolist(), output.past_key_values)
+            logits = output.logits
         probs = logits[:, -1, choice_ids].float().softmax(-1).cpu()
         return [dict(zip(choices, row.tolist())) for row in probs]

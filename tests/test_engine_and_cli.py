@@ -88,6 +88,24 @@ def test_the_next_turn_continues_the_last_turns_kv_cache(tiny_path, streamed):
     assert lengths[0] < 40 < full  # the new turn's tokens only
 
 
+def test_inspect_prefills_the_image_once(tiny_path, monkeypatch):
+    """P(Yes), the reasoning and the defect turn share the image's prefill, and answer as without the sharing."""
+    from assistant import engine as engine_module
+
+    image = defect_image()
+    reusing = LocalEngine.from_pretrained(tiny_path, device="cpu")
+    torch.nn.init.constant_(reusing.model.anomaly_expert.selector.score_head[2].bias, 8.0)  # anomalous: a defect turn
+    lengths = prefilled_lengths(reusing)
+    shared = inspect(reusing, image, max_new_tokens=6)
+    image_tokens = reusing.processor.layout((image.height, image.width)).num_embeddings
+    prefills = [n for n in lengths if n > 1]  # decode steps feed one token each
+    assert prefills[0] > image_tokens and all(n < image_tokens for n in prefills[1:]) and len(prefills) >= 3
+    monkeypatch.setattr(engine_module, "_common_prefix", lambda first, second: 0)
+    again = inspect(reusing, image, max_new_tokens=6)
+    assert shared.defect is not None
+    assert (again.reasoning, again.defect, again.score) == (shared.reasoning, shared.defect, shared.score)
+
+
 def test_another_image_of_the_same_size_is_prefilled_in_full(tiny_path):
     """Token ids alone cannot tell two images apart (the same placeholders): the cache is keyed by the images too."""
     engine = LocalEngine.from_pretrained(tiny_path, device="cpu")

@@ -19,11 +19,12 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from assistant import cli, files, hub
+from assistant import cli, hub
 from assistant.checkpoint import load_checkpoint
 from assistant.defaults import resolve_model
 from assistant.errors import UsageError
 from assistant.factory import save_assistant
+from assistant.files import CACHE_ENV
 from assistant.presets import EXPERT_ENDPOINT_ENV, PRESETS, TINY_EXPERT, TINY_ROI, ExpertDownload, Preset
 from assistant.serve.process import free_port
 from tests.fake_hub import FakeHub, hub_environment, skip_retry_waits
@@ -75,7 +76,7 @@ def fake(tmp_path, monkeypatch, llava_files):
     preset = tiny_ov_preset(expert)
     with FakeHub() as server:
         hub_environment(monkeypatch, server, tmp_path / "hf")
-        monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "assistant-cache"))
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path / "assistant-cache"))
         monkeypatch.setenv(EXPERT_ENDPOINT_ENV, server.url)
         monkeypatch.setitem(PRESETS, preset.name, preset)
         sha = server.add_repo(LLAVA_REPO, files)
@@ -277,7 +278,7 @@ def test_the_app_pulls_converts_and_answers_on_a_preset(fake, tmp_path, image_fi
         "HF_HOME": str(tmp_path / "fresh-hf"),
         "HF_HUB_OFFLINE": "0",
         "HF_HUB_DISABLE_TELEMETRY": "1",
-        files.CACHE_ENV: str(tmp_path / "fresh-cache"),
+        CACHE_ENV: str(tmp_path / "fresh-cache"),
         EXPERT_ENDPOINT_ENV: server.url,
         "OMP_NUM_THREADS": "1",
     }

@@ -37,7 +37,7 @@ MAX_TOKENS = 12
 QUESTION = "Are there any defects?"
 
 
-def sensitive_tiny(roi: bool, score_bias: float, text_model: str, seed: int = 2):
+def sensitive_tiny(roi: bool | dict, score_bias: float, text_model: str, seed: int = 2):
     """A tiny model with LLM/projector weights ~N(0, 0.3): well-separated logits that react to image tokens."""
     model, processor = tiny_assistant(seed=seed, roi=roi, text_model=text_model)
     torch.manual_seed(seed)
@@ -52,8 +52,11 @@ def sensitive_tiny(roi: bool, score_bias: float, text_model: str, seed: int = 2)
 
 
 # ROI on, anomalous score (boxes, a defect turn), Qwen2; ROI off, normal score, Llama (the demo LLM's kind).
+# The ROI tokens come from the tiles for small images and from re-encoded crops for an 896 px one ("auto": its
+# 896 px ROI source is finer than its 336 px tile canvas).
+ROI = {"tokens_from": "auto", "source_max_side": 896}
 CHECKPOINTS = {
-    "roi": {"roi": True, "score_bias": 4.0, "text_model": "qwen2"},
+    "roi": {"roi": ROI, "score_bias": 4.0, "text_model": "qwen2"},
     "no_roi": {"roi": False, "score_bias": -4.0, "text_model": "llama"},
 }
 
@@ -207,6 +210,12 @@ def test_test_models_answers_depend_on_expert_and_roi_tokens(local):
 @pytest.mark.parametrize("key", ["roi", "no_roi"])
 def test_greedy_tokens_match_transformers(servers, local, key):
     assert_agreement(servers[key], local[key], Conversation.start(defect_image(), QUESTION))
+
+
+@pytest.mark.vllm
+def test_greedy_tokens_match_with_reencoded_roi_crops(servers, local):
+    """An image whose ROI source is finer than its tiles: "auto" re-encodes its crops in both backends."""
+    assert_agreement(servers["roi"], local["roi"], Conversation.start(defect_image(896, 896), QUESTION))
 
 
 @pytest.mark.vllm
