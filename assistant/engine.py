@@ -275,6 +275,12 @@ class _PromptCache:
     cache: Cache
 
 
+def _whole_characters(text: str) -> str:
+    """The answer without the replacement character a cut-off multi-byte character decodes to (an answer stopped at
+    max_new_tokens mid-character), as vLLM's detokenizer leaves it out: both backends give the same text."""
+    return text.rstrip("\ufffd")
+
+
 def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
     length = 0
     for a, b in zip(first, second):
@@ -529,7 +535,9 @@ class LocalEngine(ImageAnalyzer):
         """Greedy answers for a batch of conversations (one padded generate call)."""
         with self._lock, torch.inference_mode():
             tokens = self._generate(conversations, max_new_tokens)
-        answers = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        answers = [
+            _whole_characters(a) for a in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        ]
         return [c.answer_prefix + answer for c, answer in zip(conversations, answers)]
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
@@ -561,7 +569,13 @@ class LocalEngine(ImageAnalyzer):
             try:
                 if conversation.answer_prefix:
                     yield conversation.answer_prefix
-                yield from (chunk for chunk in streamer if chunk)
+                held = ""  # one chunk behind, so the last can lose a cut-off character
+                for chunk in streamer:
+                    if held:
+                        yield held
+                    held = chunk
+                if _whole_characters(held):
+                    yield _whole_characters(held)
             finally:
                 stop.set()
                 worker.join()
