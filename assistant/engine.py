@@ -275,9 +275,9 @@ class _PromptCache:
     cache: Cache
 
 
-def _whole_characters(text: str) -> str:
+def whole_characters(text: str) -> str:
     """The answer without the replacement character a cut-off multi-byte character decodes to (an answer stopped at
-    max_new_tokens mid-character), as vLLM's detokenizer leaves it out: both backends give the same text."""
+    max_new_tokens mid-character), as vLLM's chat completions leave it out: every backend gives the same text."""
     return text.rstrip("\ufffd")
 
 
@@ -535,9 +535,7 @@ class LocalEngine(ImageAnalyzer):
         """Greedy answers for a batch of conversations (one padded generate call)."""
         with self._lock, torch.inference_mode():
             tokens = self._generate(conversations, max_new_tokens)
-        answers = [
-            _whole_characters(a) for a in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        ]
+        answers = [whole_characters(a) for a in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         return [c.answer_prefix + answer for c, answer in zip(conversations, answers)]
 
     def stream(self, conversation: Conversation, max_new_tokens: int = 256) -> Iterator[str]:
@@ -574,8 +572,8 @@ class LocalEngine(ImageAnalyzer):
                     if held:
                         yield held
                     held = chunk
-                if _whole_characters(held):
-                    yield _whole_characters(held)
+                if whole_characters(held):
+                    yield whole_characters(held)
             finally:
                 stop.set()
                 worker.join()

@@ -21,7 +21,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import GracefulHTTPError
 
 from ..client import continuation_options, to_messages
-from ..engine import Conversation, ImageAnalyzer, choice_token_ids, inspect, yes_probability
+from ..engine import Conversation, ImageAnalyzer, choice_token_ids, inspect, whole_characters, yes_probability
 from ..profiles import check_one_source
 from ..verdict import Verdict
 
@@ -72,9 +72,9 @@ class ServerEngine:
 
     async def _answer(self, conversation: Conversation, max_new_tokens: int) -> str:
         choice = await self._chat(conversation, max_tokens=max_new_tokens, return_token_ids=True)
-        # Decoded like LocalEngine does: vLLM's incremental detokenizer drops a trailing incomplete character.
+        # Decoded from the token ids like LocalEngine does, then cut like every backend (`whole_characters`).
         text = self.analyst.processor.tokenizer.decode(choice.token_ids, skip_special_tokens=True)
-        return conversation.answer_prefix + text
+        return conversation.answer_prefix + whole_characters(text)
 
     async def _choices(self, conversation: Conversation, choices: Sequence[str]) -> dict[str, float]:
         """Exact: vLLM's logprobs of the choices' first tokens (`logprob_token_ids`), as `LocalEngine` computes
