@@ -223,12 +223,14 @@ def _compose(path: Path, config: AssistantConfig) -> AssistantForConditionalGene
     cache = merged_cache_path(path, base)
     if cache.is_file():
         state = load_file(str(cache))
-        if "lm_head.weight" in state:  # the merge untied the output head from the embeddings (a LoRA on either)
-            config.tie_word_embeddings = False
+        tied = config.tie_word_embeddings
+        # the merge may have untied the output head from the embeddings (a LoRA on either): then both are stored
+        config.tie_word_embeddings = tied and "lm_head.weight" not in state
         model = _uninitialised_model(config)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if not unexpected and set(missing) <= set(_tied_keys(model)):
             return model
+        config.tie_word_embeddings = tied  # not this model's merge (an older layout): merged again below
     from peft import PeftModel  # only a first load merges
 
     model = _uninitialised_model(config)

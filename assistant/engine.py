@@ -73,7 +73,9 @@ class Conversation:
     answer_prefix: str = ""
 
     @classmethod
-    def start(cls, image: ImageInput | None, question: str, references: Sequence[ImageInput] = ()) -> Conversation:
+    def start(
+        cls, image: ImageInput | None, question: str, references: Sequence[ImageInput] = ()
+    ) -> Conversation:
         return cls(
             image=None if image is None else load_image(image, "image"),
             references=load_references(references),
@@ -126,7 +128,9 @@ class Scorer(Protocol):
 
 
 class Engine(Protocol):
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None) -> Verdict:
+    def analyze(
+        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
+    ) -> Verdict:
         """The decided verdict: fused score, decision, both sources, domain, heatmap and boxes; no text.
 
         Normal `references` or an enrolled `profile` (by name) drive the expert's evidence
@@ -267,12 +271,29 @@ def _image_key(images: Sequence[Image.Image], profile: Profile | None = None) ->
 
 
 @dataclass
-class _PromptCache:
-    """The KV cache a generation left: the images it saw and the token ids it holds, in order."""
+class _Prompt:
+    """A batch of conversations as the language model reads it (`LocalEngine._prompt_embeddings`)."""
 
-    images: str  # `_image_key` of the conversation's images
+    embeds: torch.Tensor  # [B, T, H], left-padded, image embeddings merged in
+    mask: torch.Tensor  # [B, T]
+    input_ids: torch.Tensor  # [B, T]
+    encodings: list[ImageEncoding | None]  # each conversation's cached image encoding (None: no image)
+
+
+@dataclass
+class _PromptCache:
+    """The KV cache a call left: the image encoding it read and the token ids it holds, in order."""
+
+    encoding: ImageEncoding | None  # the image cache's entry itself: the same object means the same images
     token_ids: list[int]
     cache: Cache
+
+    @classmethod
+    def of(cls, prompt: _Prompt, token_ids: list[int], cache: Cache | None) -> _PromptCache | None:
+        """What a one-conversation call leaves for the next (None for a batch, or without a cache to continue)."""
+        if len(prompt.encodings) != 1 or cache is None or cache.get_seq_length() != len(token_ids):
+            return None
+        return cls(prompt.encodings[0], token_ids, cache)
 
 
 def whole_characters(text: str) -> str:
@@ -461,18 +482,17 @@ class LocalEngine(ImageAnalyzer):
         statistics = DomainModel.load(path, model.config.vision_config.hidden_size) if domain else None
         return cls(model.to(device), processor, roi_expert=roi_expert, domain=statistics, profiles=path)
 
-    def analyze(self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None) -> Verdict:
+    def analyze(
+        self, image: ImageInput, references: Sequence[ImageInput] = (), profile: str | None = None
+    ) -> Verdict:
         check_one_source(references, profile)  # before any model call
         image, references = load_image(image, "image"), load_references(references)
         chosen = None if profile is None else self.profile(profile)
         return self.decide(image, references, yes_probability(self, image, references), chosen)
 
     # -- text -----------------------------------------------------------------------------------------
-    def _prompt_embeddings(
-        self, conversations: Sequence[Conversation]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded input embeddings with every conversation's cached image embeddings merged in, their attention
-        mask and token ids."""
+    def _prompt_embeddings(self, conversations: Sequence[Conversation]) -> _Prompt:
+        """Left-padded input embeddings with every conversation's cached image embeddings merged in."""
         texts = [
             self.processor.apply_chat_template(
                 c.chat(),
@@ -486,10 +506,11 @@ class LocalEngine(ImageAnalyzer):
         batch = self.processor.tokenize(texts, sizes, padding_side="left")
         input_ids = batch["input_ids"].to(self.device)
         embeds = self.model.get_input_embeddings()(input_ids)
-        image_embeddings = [self._encode(c.images).embeddings for c in conversations if c.images]
+        encodings = [self._encode(c.images) if c.images else None for c in conversations]
+        image_embeddings = [encoding.embeddings for encoding in encodings if encoding is not None]
         if image_embeddings:
             embeds = self.model.model.merge_image_embeddings(input_ids, embeds, torch.cat(image_embeddings))
-        return embeds, batch["attention_mask"].to(self.device), input_ids
+        return _Prompt(embeds, batch["attention_mask"].to(self.device), input_ids, encodings)
 
     def _generate(self, conversations: Sequence[Conversation], max_new_tokens: int, **options) -> torch.Tensor:
         """Greedy `generate` over the conversations' prompts (the caller holds the lock): the new token ids.
@@ -498,28 +519,25 @@ class LocalEngine(ImageAnalyzer):
         and the same tokens up to there): the next turn of a chat, or inspect's defect question after its reasoning,
         prefills only what is new instead of the whole prompt with its thousands of image tokens.
         """
-        embeds, mask, input_ids = self._prompt_embeddings(conversations)
+        prompt = self._prompt_embeddings(conversations)
         last, self._last_prompt = self._last_prompt, None
-        key = _image_key(conversations[0].images) if len(conversations) == 1 else None
         reuse = {}
-        if key is not None and last is not None and last.images == key:
-            shared = _common_prefix(last.token_ids, input_ids[0].tolist())
-            if 0 < shared < input_ids.shape[1]:  # at least one new token to prefill
+        if len(conversations) == 1 and last is not None and last.encoding is prompt.encodings[0]:
+            shared = _common_prefix(last.token_ids, prompt.input_ids[0].tolist())
+            if 0 < shared < prompt.input_ids.shape[1]:  # at least one new token to prefill
                 if shared < len(last.token_ids):
                     last.cache.crop(shared - len(last.token_ids))
                 reuse = {"past_key_values": last.cache}
         output = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
+            inputs_embeds=prompt.embeds,
+            attention_mask=prompt.mask,
             return_dict_in_generate=True,
             **reuse,
             **self._generation_kwargs(max_new_tokens),
             **options,
         )
-        if key is not None:
-            held = input_ids[0].tolist() + output.sequences[0, :-1].tolist()  # the last token was never fed
-            if output.past_key_values is not None and output.past_key_values.get_seq_length() == len(held):
-                self._last_prompt = _PromptCache(key, held, output.past_key_values)
+        held = prompt.input_ids[0].tolist() + output.sequences[0, :-1].tolist()  # the last token was never fed
+        self._last_prompt = _PromptCache.of(prompt, held, output.past_key_values)
         return output.sequences
 
     def _generation_kwargs(self, max_new_tokens: int) -> dict:
@@ -590,15 +608,16 @@ class LocalEngine(ImageAnalyzer):
         choice_ids = choice_token_ids(self.processor.tokenizer, choices)
         single = len(conversations) == 1  # its KV cache is kept: a reasoning turn about the image starts from it
         with self._lock, torch.inference_mode():
-            embeds, mask, input_ids = self._prompt_embeddings(conversations)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            prompt = self._prompt_embeddings(conversations)
+            positions = (prompt.mask.cumsum(-1) - 1).clamp(min=0)
             output = self.model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=single
+                inputs_embeds=prompt.embeds,
+                attention_mask=prompt.mask,
+                position_ids=positions,
+                logits_to_keep=1,
+                use_cache=single,
             )
-            self._last_prompt = None
-            if single:
-                key = _image_key(conversations[0].images)
-                self._last_prompt = _PromptCache(key, input_ids[0].tolist(), output.past_key_values)
+            self._last_prompt = _PromptCache.of(prompt, prompt.input_ids[0].tolist(), output.past_key_values)
             logits = output.logits
         probs = logits[:, -1, choice_ids].float().softmax(-1).cpu()
         return [dict(zip(choices, row.tolist())) for row in probs]

@@ -136,13 +136,17 @@ def crop_regions(
     return (pixels - mean_t) / std_t
 
 
+def region_spans(regions: torch.Tensor) -> torch.Tensor:
+    """[K] the longer side of each region [K, 4] (x0, y0, x1, y1)."""
+    return torch.maximum(regions[:, 2] - regions[:, 0], regions[:, 3] - regions[:, 1])
+
+
 def reencode_boxes(regions: torch.Tensor, side: int, roi: RoiConfig) -> torch.Tensor:
     """[K] which boxes to re-encode: a box's crop has `side` patches across; its region on the tiles has as many
     patches as `regions` [K, 4] spans. Re-encoding pays only where the crop is finer (`RoiConfig.tokens_from`)."""
     if roi.tokens_from != "auto":
         return torch.full((regions.shape[0],), roi.tokens_from == "crops", dtype=torch.bool)
-    spans = torch.maximum(regions[:, 2] - regions[:, 0], regions[:, 3] - regions[:, 1])
-    return (side / spans.clamp(min=1e-6) >= roi.reencode_gain).cpu()
+    return (side / region_spans(regions).clamp(min=1e-6) >= roi.reencode_gain).cpu()
 
 
 def pool_regions(feature_map: torch.Tensor, regions: torch.Tensor, out: int) -> torch.Tensor:
@@ -150,8 +154,7 @@ def pool_regions(feature_map: torch.Tensor, regions: torch.Tensor, out: int) -> 
     x0, y0, x1, y1 on the [H, h, w] map) -> [K, out, out, H]. Written with grid_sample (no torchvision, which the
     vLLM environment lacks); `ratio` samples per bin side follow the largest region, as RoIAlign's adaptive rule."""
     hidden, height, width = feature_map.shape
-    spans = torch.maximum(regions[:, 2] - regions[:, 0], regions[:, 3] - regions[:, 1])
-    ratio = max(1, math.ceil(float(spans.max()) / out))
+    ratio = max(1, math.ceil(float(region_spans(regions).max()) / out))
     steps = (torch.arange(out * ratio, device=regions.device, dtype=regions.dtype) + 0.5) / (out * ratio)
     xs = regions[:, 0:1] + steps * (regions[:, 2:3] - regions[:, 0:1])  # [K, S] in map units
     ys = regions[:, 1:2] + steps * (regions[:, 3:4] - regions[:, 1:2])

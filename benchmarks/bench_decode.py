@@ -12,9 +12,7 @@ weights and image (its prompt has the base image tokens only). Decode tokens/s l
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from assistant.defaults import default_model_path  # noqa: E402
 from assistant.engine import Conversation, LocalEngine  # noqa: E402
 from assistant.image_io import load_image  # noqa: E402
 from assistant.processing import AssistantProcessor  # noqa: E402
+from benchmarks.bench_memory_bank import timed  # noqa: E402
 from benchmarks.bench_real_shape import build, photo  # noqa: E402
 
 QUESTION = "Describe the object in the image and any defect you see."
@@ -45,16 +44,7 @@ def load(name: str):
     return model, processor, stock, photo(384)
 
 
-def seconds(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(name: str, new_tokens: int, repeats: int) -> list[str]:
+def measure(name: str, new_tokens: int, repeats: int) -> None:
     model, processor, stock, image = load(name)
     options = {"do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id or 0}
     conversation = Conversation.start(image, QUESTION)
@@ -71,14 +61,18 @@ def measure(name: str, new_tokens: int, repeats: int) -> list[str]:
         "image_sizes": stock_inputs["image_sizes"],
     }
     engine = LocalEngine(model, processor)
-    rows = []
     for cache in ("dynamic", "static"):
         extra = {"cache_implementation": "static"} if cache == "static" else {}
 
         def ours(n: int) -> None:
-            embeds, mask, _ = engine._prompt_embeddings([conversation])  # what `complete` generates from
+            prompt = engine._prompt_embeddings([conversation])  # what `complete` generates from
             model.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **options, **extra
+                inputs_embeds=prompt.embeds,
+                attention_mask=prompt.mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                **options,
+                **extra,
             )
 
         def theirs(n: int) -> None:
@@ -87,10 +81,8 @@ def measure(name: str, new_tokens: int, repeats: int) -> list[str]:
         with torch.inference_mode():
             for label, call in (("ours", ours), ("stock", theirs)):
                 call(2)  # warm-up
-                one, many = seconds(lambda: call(1), repeats), seconds(lambda: call(new_tokens), repeats)
-                rows.append(f"| {name} | {label} | {cache} | {one:.2f} | {(new_tokens - 1) / (many - one):.1f} |")
-                print(rows[-1], flush=True)
-    return rows
+                one, many = (timed(lambda n=n: call(n), repeats) / 1000 for n in (1, new_tokens))  # median s
+                print(f"| {name} | {label} | {cache} | {one:.2f} | {(new_tokens - 1) / (many - one):.1f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
