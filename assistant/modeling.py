@@ -142,6 +142,7 @@ class AssistantForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         source_sizes: torch.Tensor | None = None,
         roi_pixel_values: torch.Tensor | None = None,
         roi_maps: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> AssistantOutput:
         outputs, analysis = self.model(
@@ -164,10 +165,13 @@ class AssistantForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         loss, logits = None, None
         if labels is not None:
             # Logits only where a next-token label exists: answer tokens are a small share of a VLM sequence.
+            # `num_items_in_batch` (transformers' meaning): the labelled tokens of the whole optimizer step, so
+            # accumulated micro-batches and processes sum to the step's token mean.
             targets = labels[:, 1:]
             keep = targets != -100
             selected = self.lm_head(hidden_states[:, :-1][keep])
-            loss = F.cross_entropy(selected.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
+            count = keep.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = F.cross_entropy(selected.float(), targets[keep], reduction="sum") / max(count, 1)
         else:
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, kept, :])

@@ -19,7 +19,7 @@ from training.collate import ExpertCollator
 from training.config import load_config
 from training.expert import ExpertObjective, train_expert
 from training.loop import truncate_metrics
-from training.losses import class_weights, patch_mask_loss
+from training.losses import class_weights, mask_counts, patch_mask_loss
 
 TINY_CONFIG = Path(__file__).parents[1] / "training" / "configs" / "tiny_expert.yaml"
 
@@ -153,18 +153,22 @@ def test_crop_targets_mark_the_patch_of_a_defect_smaller_than_a_patch():
     assert abs(peak[0] - 32) <= 8 and abs(peak[1] - 101) <= 8
 
 
-def test_patch_loss_weighs_clean_patches_and_every_defect_equally():
+def test_patch_loss_weighs_every_image_and_every_defect_equally():
     maps = [
         torch.tensor([[[0.9, 0.2], [0.2, 0.2]]]),
         torch.full((1, 2, 2), 0.1),
         torch.tensor([[[0.5, 0.5], [0.5, 0.2]]]),
     ]
     targets = [torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.zeros(1, 2, 2), torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])]
-    clean = -(4 * torch.log(torch.tensor(0.8)) + 4 * torch.log(torch.tensor(0.9))) / 8
+    log = torch.log
+    # each image's clean patches as one mean: three clean patches of the first image weigh as the one of the third
+    clean = -(log(torch.tensor(0.8)) + log(torch.tensor(0.9)) + log(torch.tensor(0.8)))
     # the one-patch defect weighs as much as the three-patch one
-    defective = -(torch.log(torch.tensor(0.9)) + torch.log(torch.tensor(0.5))) / 2
-    torch.testing.assert_close(patch_mask_loss(maps, targets), clean + defective)
-    assert patch_mask_loss(maps, [None, None]) is None
+    defective = -(log(torch.tensor(0.9)) + log(torch.tensor(0.5)))
+    clean_sum, defective_sum = patch_mask_loss(maps, targets)
+    torch.testing.assert_close((clean_sum, defective_sum), (clean, defective))
+    assert mask_counts(targets) == (3, 2)
+    assert [float(total) for total in patch_mask_loss(maps, [None, None, None])] == [0.0, 0.0]
 
 
 def test_patch_level_mask_loss_trains(dataset_root, tmp_path):

@@ -9,6 +9,7 @@ trainable ones, so a LoRA checkpoint of a 7B model is megabytes, not 15 GB.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,11 +74,40 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+def step_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The finished step checkpoints of a run, oldest first."""
     folder = Path(output_dir) / CHECKPOINTS
     steps = (
         [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := STEP_DIR.match(p.name))]
         if folder.is_dir()
         else []
     )
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    steps = step_checkpoints(output_dir)
+    return steps[-1] if steps else None
+
+
+REMOVING_SUFFIX = ".removing"
+
+
+def rotate_checkpoints(output_dir: str | Path, keep_last: int, resumed_from: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` step checkpoints; the one this run resumed from stays too.
+
+    A folder is renamed out of the step pattern before it is deleted, so a kill mid-delete never leaves a
+    half-deleted checkpoint that `--resume` could pick; such leftovers are swept on the next rotation.
+    """
+    keep = {path.resolve() for path in step_checkpoints(output_dir)[-keep_last:]}
+    if resumed_from is not None:
+        keep.add(Path(resumed_from).resolve())
+    removed = []
+    for path in step_checkpoints(output_dir):
+        if path.resolve() not in keep:
+            doomed = path.with_name(path.name + REMOVING_SUFFIX)
+            path.rename(doomed)
+            removed.append(path)
+    for doomed in (Path(output_dir) / CHECKPOINTS).glob(f"*{REMOVING_SUFFIX}"):
+        shutil.rmtree(doomed)
+    return removed

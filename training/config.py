@@ -71,6 +71,7 @@ class RunConfig(_Section):
     batch_size: int = Field(1, ge=1)  # per device
     grad_accum: int = Field(1, ge=1)
     checkpoint_every: int = 500  # optimizer steps; 0 = only at the end
+    keep_last: int | None = Field(None, ge=1)  # keep the newest N step checkpoints (and the resumed one); None: all
     log_every: int = 10
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, else fp32

@@ -33,7 +33,7 @@ from .collate import ExpertCollator
 from .config import ConfigError, ExpertData, ExpertObjectiveConfig, ExpertTrainConfig
 from .datasets import ExpertDataset
 from .loop import TrainingTask, TrainSummary, make_accelerator, run_training
-from .losses import balanced_bce, class_weights, mask_loss, patch_mask_loss
+from .losses import balanced_bce, class_weights, mask_counts, mask_loss, patch_mask_loss
 from .models import compute_dtype, load_assistant, upcast_trainable
 
 FINAL_DIR = "final"
@@ -90,8 +90,11 @@ def expert_dataset(data: ExpertData, seed: int) -> ExpertDataset:
     return ExpertDataset(images, data.synthetic_anomalies, data.max_image_side, seed, data.synthetic_kinds)
 
 
-def map_loss(analysis: ImageAnalysis, batch: dict, objective: ExpertObjectiveConfig) -> torch.Tensor | None:
-    """The configured mask loss (`objective.mask_level`); None when no image of the batch has a known mask."""
+def map_loss(
+    analysis: ImageAnalysis, batch: dict, objective: ExpertObjectiveConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The configured mask loss (`objective.mask_level`) as its two sums: over images with a known mask, and over
+    those with a defect (`losses.mask_counts` counts both)."""
     if objective.mask_level == "pixel":
         return mask_loss(analysis.heatmaps, batch["masks"], objective.focal_gamma)
     crop_maps = torch.split(analysis.expert.maps, [layout.num_crops for layout in analysis.layouts])
@@ -103,21 +106,24 @@ def map_loss(analysis: ImageAnalysis, batch: dict, objective: ExpertObjectiveCon
     return patch_mask_loss(crop_maps, targets)
 
 
+def count_items(batch: dict) -> dict[str, int]:
+    """What the loss terms average over: images, images with a known mask, images with a defect."""
+    known, defective = mask_counts(batch["masks"])
+    return {"images": len(batch["labels"]), "masked": known, "defective": defective}
+
+
 def make_loss(config: ExpertTrainConfig, weights: tuple[float, float]):
-    """Balanced BCE on the image logit, plus the weighted mask loss when the batch has masks."""
+    """Balanced BCE on the image logit, plus the weighted mask loss; each a mean over the optimizer step's images."""
     objective = config.objective
 
-    def compute(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute(model: nn.Module, batch: dict, totals: dict[str, int]) -> tuple[torch.Tensor, dict[str, float]]:
         analysis = model(batch["pixel_values"], batch["image_sizes"], batch["source_sizes"])
-        bce = balanced_bce(analysis.expert.logits, batch["labels"], weights)
-        metrics = {"bce": bce.item()}
+        bce = balanced_bce(analysis.expert.logits, batch["labels"], weights).sum() / totals["images"]
         if objective.mask_loss_weight <= 0:
-            return bce, metrics
-        masked = map_loss(analysis, batch, objective)
-        if masked is None:
-            return bce, metrics
-        metrics["mask"] = masked.item()
-        return bce + objective.mask_loss_weight * masked, metrics
+            return bce, {"bce": bce.item()}
+        known, defective = map_loss(analysis, batch, objective)
+        masked = known / max(totals["masked"], 1) + defective / max(totals["defective"], 1)
+        return bce + objective.mask_loss_weight * masked, {"bce": bce.item(), "mask": masked.item()}
 
     return compute
 
@@ -174,6 +180,7 @@ def train_expert(config: ExpertTrainConfig, resume: Path | None = None) -> Train
         dataset=dataset,
         collate=ExpertCollator(processor),
         compute_loss=make_loss(config, weights),
+        count_items=count_items,
         save_final=save_final(model, processor, config),
     )
     return run_training(task, config, accelerator, resume)

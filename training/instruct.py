@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from assistant.checkpoint import write_companions
-from assistant.processing import AssistantProcessor
+from assistant.processing import IGNORE_INDEX, AssistantProcessor
 from data.conversations import conversation_records
 from data.folder import load_folder
 from data.instruct import InstructSample, check_images, load_instruct_json
@@ -87,8 +87,14 @@ def build_model(config: InstructTrainConfig, accelerator) -> tuple[nn.Module, As
     return peft_model, processor, groups
 
 
-def language_model_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    return model(**batch).loss, {}
+def language_model_loss(model: nn.Module, batch: dict, totals: dict[str, int]) -> tuple[torch.Tensor, dict[str, float]]:
+    """This batch's share of the optimizer step's token-mean loss: its summed token losses over the step's count."""
+    return model(**batch, num_items_in_batch=totals["tokens"]).loss, {}
+
+
+def count_items(batch: dict) -> dict[str, int]:
+    """The answer tokens the loss is taken over (labels are shifted by one: the first label predicts nothing)."""
+    return {"tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
 
 
 def count_tokens(batch: dict) -> int:
@@ -123,6 +129,7 @@ def train_instruct(config: InstructTrainConfig, resume: Path | None = None) -> T
         dataset=InstructDataset(samples),
         collate=InstructCollator(processor),
         compute_loss=language_model_loss,
+        count_items=count_items,
         save_final=save_outputs(config, processor),
         count_tokens=count_tokens,
     )

@@ -2,14 +2,22 @@
 multi-GPU (DDP, DeepSpeed ZeRO, FSDP via `accelerate launch`), with progress bar, metrics log,
 checkpoints every N steps, exact resume and a final summary.
 
-A stage supplies a `TrainingTask`: the module to train, its optimizer groups, the data, and how to turn a
-batch into a loss. Everything else is here, once.
+A stage supplies a `TrainingTask`: the module to train, its optimizer groups, the data, how to count a batch's
+loss items and how to turn a batch into a loss. Everything else is here, once.
+
+Losses are means over the items of the whole optimizer step (stage 2: answer tokens; stage 1: images), as
+transformers' `num_items_in_batch` does: the loop fetches a step's micro-batches first, sums their item counts
+over micro-batches and processes, and each micro-batch's loss is its summed item losses over that total. A
+micro-batch mean would give a "Yes" as much weight as a paragraph, and a process with short answers as much
+as one with long ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pickle
 import shutil
 import time
@@ -29,7 +37,7 @@ from assistant.errors import one_line
 from assistant.files import partial_dir, publish_dir, write_text_atomic
 from data.errors import DataError
 
-from .checkpoint import Progress, checkpoint_dir, register_trainable_checkpointing
+from .checkpoint import Progress, checkpoint_dir, register_trainable_checkpointing, rotate_checkpoints
 from .config import ConfigError, OptimConfig, RunConfig, ScheduleConfig, TrainConfig, save_config
 from .datasets import EpochSampler
 
@@ -45,7 +53,10 @@ class TrainingTask:
     param_groups: list[dict]  # torch optimizer groups: {"params", "lr", "name", ...}
     dataset: Dataset
     collate: Callable
-    compute_loss: Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+    # batch -> the counts its loss terms average over, e.g. {"tokens": 412}; the same keys for every batch
+    count_items: Callable[[dict], dict[str, int]]
+    # (model, batch, the step's summed counts) -> (this batch's share of the step's mean loss, metrics likewise)
+    compute_loss: Callable[[nn.Module, dict, dict[str, int]], tuple[torch.Tensor, dict[str, float]]]
     save_final: Callable[[nn.Module, dict, Path], None]  # unwrapped module, its full state dict, output_dir
     count_tokens: Callable[[dict], int] | None = None
 
@@ -79,30 +90,63 @@ class TrainSummary:
 
 @dataclass
 class StepMeter:
-    """Averages the micro-batches of one optimizer step into one log record."""
+    """Sums the micro-batches' shares of one optimizer step, over processes too, into one log record."""
 
     loss: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
-    count: int = 0
 
     def add(self, loss: float, metrics: dict[str, float]) -> None:
         self.loss += loss
-        self.count += 1
         for key, value in metrics.items():
             self.metrics[key] = self.metrics.get(key, 0.0) + value
 
-    def record(self, step: int, epoch: int, lr: float) -> dict:
-        record = {"step": step, "epoch": epoch, "loss": self.loss / self.count, "lr": lr}
-        record.update({key: value / self.count for key, value in self.metrics.items()})
-        self.loss, self.metrics, self.count = 0.0, {}, 0
-        return record
+    def record(self, accelerator: Accelerator, step: int, epoch: int, lr: float) -> dict:
+        keys = sorted(self.metrics)  # every process has the same keys (`TrainingTask.compute_loss`)
+        values = torch.tensor([self.loss, *(self.metrics[key] for key in keys)], device=accelerator.device)
+        loss, *metrics = accelerator.reduce(values, "sum").tolist()
+        self.loss, self.metrics = 0.0, {}
+        return {"step": step, "epoch": epoch, "loss": loss, "lr": lr, **dict(zip(keys, metrics))}
+
+
+def step_batches(batches, size: int):
+    """The micro-batches of each optimizer step: `size` at a time, fewer where the epoch ends."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def step_totals(accelerator: Accelerator, task: TrainingTask, group: list[dict]) -> dict[str, int]:
+    """The step's loss items, summed over its micro-batches and all processes."""
+    counts = [task.count_items(batch) for batch in group]
+    keys = sorted(counts[0])
+    local = torch.tensor([[count[key] for key in keys] for count in counts], device=accelerator.device).sum(0)
+    return dict(zip(keys, accelerator.reduce(local, "sum").tolist()))
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator: Accelerator, model: nn.Module, last: bool):
+    """`accelerator.accumulate` for micro-batches fetched ahead: only the step's last one syncs gradients (and,
+    under DeepSpeed, is the accumulation boundary), also when an epoch ends mid-step. As transformers' Trainer
+    does, this sets accelerate's sync flag directly: its own counter cannot know a step is cut short."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        yield
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:
     precision = run.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.grad_accum)
+    # A multi-process launch on a machine without CUDA (`accelerate launch --config_file
+    # training/accelerate/cpu_ddp.yaml`, torchrun) is data parallel on CPU: accelerate forms that gloo process
+    # group only when told the run is on CPU.
+    on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.grad_accum, cpu=on_cpu)
     if accelerator.device.type == "cpu":
         # Weights and activations drift into subnormal floats as training settles; x86 CPUs process those
         # 10-100x slower (seen here: stage 1 went from 1 s to 29 s a step). Flushing them to zero is harmless.
@@ -176,36 +220,39 @@ def run_training(
     bar = tqdm(total=total_steps, initial=progress.step, desc=task.name, disable=not accelerator.is_local_main_process)
     meter, losses, tokens, started = StepMeter(), [], 0, time.perf_counter()
 
+    # accelerate divides each loss by the accumulation steps and DDP averages gradients over processes; the
+    # losses are already shares of the step's total, so both are undone.
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     model.train()
     while progress.step < total_steps:
         batches = accelerator.skip_first_batches(loader, progress.batch_in_epoch) if progress.batch_in_epoch else loader
         batches.set_epoch(progress.epoch)  # accelerate would otherwise count epochs from 0 again after a resume
         if hasattr(task.dataset, "set_epoch"):
             task.dataset.set_epoch(progress.epoch)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss, metrics = task.compute_loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and run.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, run.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.batch_in_epoch += 1
-            meter.add(accelerator.reduce(loss.detach().float(), "mean").item(), metrics)
-            if task.count_tokens is not None:
-                tokens += task.count_tokens(batch) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
+        for group in step_batches(batches, run.grad_accum):
+            totals = step_totals(accelerator, task, group)
+            for index, batch in enumerate(group):
+                with micro_batch(accelerator, model, last=index == len(group) - 1):
+                    loss, metrics = task.compute_loss(model, batch, totals)
+                    accelerator.backward(loss * scale)
+                meter.add(loss.item(), metrics)
+                if task.count_tokens is not None:
+                    tokens += task.count_tokens(batch) * accelerator.num_processes
+            progress.batch_in_epoch += len(group)
+            if run.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, run.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             progress.step += 1
-            record = meter.record(progress.step, progress.epoch, scheduler.get_last_lr()[0])
+            record = meter.record(accelerator, progress.step, progress.epoch, scheduler.get_last_lr()[0])
             losses.append(record["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if accelerator.is_main_process and (progress.step % run.log_every == 0 or progress.step == total_steps):
                 log(record, output_dir / METRICS_FILE, bar)
             if run.checkpoint_every and progress.step % run.checkpoint_every == 0:
-                save_checkpoint(accelerator, config, progress.step)
+                save_checkpoint(accelerator, config, progress.step, resume)
             if progress.step >= total_steps:
                 break
         else:
@@ -214,7 +261,7 @@ def run_training(
     bar.close()
     seconds = time.perf_counter() - started
     if run.checkpoint_every and progress.step % run.checkpoint_every:
-        save_checkpoint(accelerator, config, progress.step)  # so a longer run can resume from the end
+        save_checkpoint(accelerator, config, progress.step, resume)  # so a longer run can resume from the end
 
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model)  # gathered from every process under FSDP / ZeRO-3
@@ -244,9 +291,10 @@ def _is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, resumed_from: Path | None) -> Path:
     """Every process writes into `step-N.partial`; the main process renames it once all are done, so a kill
-    mid-save leaves the previous checkpoints as they were and no half-written `step-N` to resume from."""
+    mid-save leaves the previous checkpoints as they were and no half-written `step-N` to resume from. Then
+    `run.keep_last` rotates the older ones (never the new one, nor the one the run resumed from)."""
     folder = checkpoint_dir(config.run.output_dir, step)
     partial = partial_dir(folder)
     if accelerator.is_main_process and partial.exists():
@@ -258,6 +306,8 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) ->
     if accelerator.is_main_process:
         save_config(config, partial)
         publish_dir(partial, folder)
+        if config.run.keep_last:
+            rotate_checkpoints(config.run.output_dir, config.run.keep_last, resumed_from)
     accelerator.wait_for_everyone()
     return folder
 

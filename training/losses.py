@@ -9,6 +9,11 @@ shape whatever its size). Normal images count with an all-zero mask; defects wit
 A defect much smaller than a patch barely moves either pixel-level loss once the map is upsampled; the patch
 loss marks every patch it touches, weighs defective and clean patches equally and every defective image alike,
 so such defects still teach the map (the demo's textile specks are ~6 x 14 px against 16 px patches).
+
+Every term is a mean over the images of a whole optimizer step (all images; those with a known mask; those
+with a defect), not of one micro-batch: the functions here return a batch's sums, and the caller divides them
+by the step's counts (`mask_counts`, summed over micro-batches and processes by the training loop). So
+gradient accumulation and data parallelism weigh every image alike, however the step's images are split.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ def class_weights(positive_fraction: float) -> tuple[float, float]:
 
 
 def balanced_bce(logits: torch.Tensor, labels: torch.Tensor, weights: tuple[float, float]) -> torch.Tensor:
+    """The class-weighted BCE of every image: [B]."""
     normal, anomalous = weights
     per_sample = torch.where(labels > 0.5, anomalous, normal).to(logits)
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), weight=per_sample.float())
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), labels.float(), weight=per_sample.float(), reduction="none"
+    )
 
 
 def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -50,35 +58,44 @@ def dice_loss(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return 1 - (2 * (p * target).sum() + EPS) / (p.sum() + target.sum() + EPS)
 
 
+def mask_counts(masks: Sequence[torch.Tensor | None]) -> tuple[int, int]:
+    """(images with a known mask, images whose mask marks a defect): what the two mask terms average over."""
+    known = [mask for mask in masks if mask is not None]
+    return len(known), sum(bool(mask.any()) for mask in known)
+
+
+def _total(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(values).sum() if values else like.new_zeros((), dtype=torch.float32)
+
+
 def mask_loss(
     heatmaps: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], gamma: float
-) -> torch.Tensor | None:
-    """Mean focal loss over images with a known mask, plus mean dice over those with a defect; None if no masks."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(focal summed over images with a known mask, dice summed over those with a defect)."""
     known = [(heatmap, mask.to(heatmap.device)) for heatmap, mask in zip(heatmaps, masks) if mask is not None]
-    if not known:
-        return None
-    focal = torch.stack([focal_loss(heatmap, mask, gamma) for heatmap, mask in known]).mean()
-    defective = [(heatmap, mask) for heatmap, mask in known if mask.any()]
-    if not defective:
-        return focal
-    return focal + torch.stack([dice_loss(heatmap, mask) for heatmap, mask in defective]).mean()
+    focal = [focal_loss(heatmap, mask, gamma) for heatmap, mask in known]
+    dice = [dice_loss(heatmap, mask) for heatmap, mask in known if mask.any()]
+    return _total(focal, heatmaps[0]), _total(dice, heatmaps[0])
 
 
-def patch_mask_loss(maps: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    """Mean BCE over clean patches, plus the mean over defective images of each one's defective-patch BCE.
+def patch_mask_loss(
+    maps: Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean BCE of each known image's clean patches, summed; mean BCE of each defective image's defective
+    patches, summed).
 
-    Every defect counts alike whatever its size: a stain over thirty patches would otherwise drown the
+    Every image counts alike whatever its defect's size: a stain over thirty patches would otherwise drown the
     gradient of a speck on two.
     """
-    known = [(crop_maps, target.to(crop_maps.device)) for crop_maps, target in zip(maps, targets) if target is not None]
-    if not known:
-        return None
     clean, defects = [], []
-    for crop_maps, target in known:
+    for crop_maps, target in zip(maps, targets):
+        if target is None:
+            continue
+        target = target.to(crop_maps.device)
         per_patch = F.binary_cross_entropy(crop_maps.float().clamp(EPS, 1 - EPS), target.float(), reduction="none")
         defective = target > 0.5
-        clean.append(per_patch[~defective])
+        if (~defective).any():
+            clean.append(per_patch[~defective].mean())
         if defective.any():
             defects.append(per_patch[defective].mean())
-    loss = torch.cat(clean).mean()
-    return loss + torch.stack(defects).mean() if defects else loss
+    return _total(clean, maps[0]), _total(defects, maps[0])
