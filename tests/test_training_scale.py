@@ -219,3 +219,28 @@ def test_rotation_keeps_the_newest_and_the_checkpoint_a_run_resumed_from(tmp_pat
 def test_keep_last_must_be_positive(conversations, tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         parse_config(instruct_config(conversations, tmp_path, keep_last=0))
+
+
+def test_loader_workers_are_configurable_and_change_no_batch(conversations, tmp_path):
+    from training.config import RunConfig
+
+    assert RunConfig(num_workers="auto").loader_options(on_cuda=False) == {
+        "num_workers": 0,
+        "pin_memory": False,
+        "persistent_workers": False,
+    }
+    assert RunConfig().loader_options(on_cuda=True) == {
+        "num_workers": 2,
+        "pin_memory": True,
+        "persistent_workers": True,
+    }
+    assert (
+        RunConfig(num_workers=1, persistent_workers=False).loader_options(on_cuda=False)["persistent_workers"] is False
+    )
+    with pytest.raises(ValueError):
+        RunConfig(num_workers=-1)
+    runs = [
+        train_instruct(parse_config(instruct_config(conversations, tmp_path / str(n), batch_size=2, num_workers=n)))
+        for n in (0, 1)
+    ]
+    assert runs[0].losses == runs[1].losses

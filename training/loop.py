@@ -193,7 +193,7 @@ def run_training(
         batch_size=run.batch_size,
         sampler=EpochSampler(len(task.dataset), run.seed),
         collate_fn=task.collate,
-        num_workers=run.num_workers,
+        **run.loader_options(accelerator.device.type == "cuda"),
         generator=torch.Generator().manual_seed(run.seed),  # keeps the global RNG untouched by the loader
     )
     optimizer = torch.optim.AdamW(
