@@ -82,7 +82,6 @@ def read_all(dataset, collate, workers: int, pin_memory: bool, step_seconds: flo
         collate_fn=collate,
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
     )
     started = time.perf_counter()
     batches = iter(loader)

@@ -80,8 +80,8 @@ def expert_config(images: Path, output: Path, **run) -> dict:
 
 
 def step_gradients(monkeypatch, train, config: dict) -> list[torch.Tensor]:
-    """The gradients the first optimizer step applies (plain SGD in place of AdamW records them)."""
-    grads = []
+    """The gradients the optimizer steps apply (plain SGD in place of AdamW records them)."""
+    grads = []  # every step's, in order
 
     class Recording(torch.optim.SGD):
         def __init__(self, groups, lr, **_):
@@ -108,6 +108,24 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(stage, monkeyp
     whole = step_gradients(monkeypatch, train, make(data, tmp_path / "a", batch_size=size, grad_accum=1, **settings))
     split = step_gradients(monkeypatch, train, make(data, tmp_path / "b", batch_size=1, grad_accum=size, **settings))
     assert len(whole) == len(split) > 0 and any(bool(g.abs().sum()) for g in whole)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_a_step_cut_short_by_the_epoch_end_weighs_its_own_tokens(monkeypatch, conversations, tmp_path):
+    """Three conversations, two per step: the second step holds one micro-batch whichever way it is split."""
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps(json.loads(conversations.read_text())[:3]))
+    for image in conversations.parent.glob("*.png"):
+        (tmp_path / image.name).symlink_to(image)
+    settings = {"max_steps": 2, "checkpoint_every": 0, "max_grad_norm": None}
+    whole = step_gradients(
+        monkeypatch, train_instruct, instruct_config(three, tmp_path / "a", batch_size=2, **settings)
+    )
+    split = step_gradients(
+        monkeypatch, train_instruct, instruct_config(three, tmp_path / "b", batch_size=1, grad_accum=2, **settings)
+    )
+    assert len(whole) == len(split)
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
@@ -144,8 +162,18 @@ def launch(config: dict, path: Path, *extra: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(output: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())]
+    return [(record["step"], record["loss"]) for record in records(output)]
+
+
+def assert_same_gradient_norms(a: Path, b: Path) -> None:
+    """The gradient's size, which AdamW's weights would not show: a wrong process factor changes it."""
+    norms = [[record["grad_norm"] for record in records(output)] for output in (a, b)]
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
 
 
 def weights(output: Path, step: int) -> dict[str, torch.Tensor]:
@@ -171,6 +199,7 @@ def test_two_processes_train_stage_2_like_one_and_resume_exactly(conversations, 
     assert [step for step, _ in losses(two)] == [1, 2, 3, 4]
     torch.testing.assert_close([loss for _, loss in losses(two)], [loss for _, loss in losses(one)], rtol=1e-6, atol=0)
     assert_same_weights(weights(two, 4), weights(one, 4))
+    assert_same_gradient_norms(two, one)
     assert sorted(p.name for p in checkpoint_dir(two, 4).iterdir() if p.name.startswith("random_states")) == [
         "random_states_0.pkl",
         "random_states_1.pkl",
@@ -198,22 +227,28 @@ def test_two_processes_train_stage_1_like_one(images, tmp_path):
     assert [step for step, _ in losses(two)] == [1, 2]
     torch.testing.assert_close([loss for _, loss in losses(two)], [loss for _, loss in losses(one)], rtol=1e-6, atol=0)
     assert_same_weights(weights(two, 2), weights(one, 2))
+    assert_same_gradient_norms(two, one)
     assert (two / "final" / "config.json").is_file()
 
 
 def test_rotation_keeps_the_newest_and_the_checkpoint_a_run_resumed_from(tmp_path):
     for step in (1, 2, 3, 4, 5):
         checkpoint_dir(tmp_path, step).mkdir(parents=True)
-    left_over = checkpoint_dir(tmp_path, 9).with_name("step-000009.removing")  # a kill mid-delete
+    left_over = checkpoint_dir(tmp_path, 2).with_name("step-000002.removing")  # a kill mid-delete, earlier
     left_over.mkdir()
-    removed = rotate_checkpoints(tmp_path, keep_last=2, resumed_from=checkpoint_dir(tmp_path, 1))
+    removed = rotate_checkpoints(checkpoint_dir(tmp_path, 5), keep_last=2, resumed_from=checkpoint_dir(tmp_path, 1))
     assert removed == [checkpoint_dir(tmp_path, 2), checkpoint_dir(tmp_path, 3)]
-    assert step_checkpoints(tmp_path) == [checkpoint_dir(tmp_path, step) for step in (1, 4, 5)]
-    assert not left_over.exists() and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step-000001",
-        "step-000004",
-        "step-000005",
-    ]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000004", "step-000005"]
+
+
+def test_rotation_never_deletes_what_was_just_saved_nor_later_steps_of_another_run(tmp_path):
+    """Resumed from step 4 of a run that had reached step 10: saving step 6 keeps 6 (and 4, the resumed one)."""
+    for step in (2, 4, 8, 10):
+        checkpoint_dir(tmp_path, step).mkdir(parents=True)
+    checkpoint_dir(tmp_path, 6).mkdir()
+    removed = rotate_checkpoints(checkpoint_dir(tmp_path, 6), keep_last=1, resumed_from=checkpoint_dir(tmp_path, 4))
+    assert removed == [checkpoint_dir(tmp_path, 2)]
+    assert step_checkpoints(tmp_path) == [checkpoint_dir(tmp_path, step) for step in (4, 6, 8, 10)]
 
 
 def test_keep_last_must_be_positive(conversations, tmp_path):
@@ -241,6 +276,15 @@ def test_loader_workers_are_configurable_and_change_no_batch(conversations, tmp_
         RunConfig(num_workers=-1)
     runs = [
         train_instruct(parse_config(instruct_config(conversations, tmp_path / str(n), batch_size=2, num_workers=n)))
+        for n in (0, 1)
+    ]
+    assert runs[0].losses == runs[1].losses
+
+
+def test_stage_1_workers_draw_each_epochs_synthetic_defects(images, tmp_path):
+    """Stage 1's synthetic defects depend on the epoch; a worker must see each epoch's (no persistent copy)."""
+    runs = [
+        train_expert(parse_config(expert_config(images, tmp_path / str(n), batch_size=4, max_steps=6, num_workers=n)))
         for n in (0, 1)
     ]
     assert runs[0].losses == runs[1].losses

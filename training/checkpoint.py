@@ -93,21 +93,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 REMOVING_SUFFIX = ".removing"
 
 
-def rotate_checkpoints(output_dir: str | Path, keep_last: int, resumed_from: Path | None = None) -> list[Path]:
-    """Delete all but the newest `keep_last` step checkpoints; the one this run resumed from stays too.
+def rotate_checkpoints(saved: Path, keep_last: int, resumed_from: Path | None = None) -> list[Path]:
+    """After `saved` was written: delete all but the newest `keep_last` step checkpoints up to it; `saved` itself
+    and the one this run resumed from always stay. Checkpoints past `saved` (left by a run this one resumed
+    before the end of) are not this run's history and are left alone.
 
     A folder is renamed out of the step pattern before it is deleted, so a kill mid-delete never leaves a
-    half-deleted checkpoint that `--resume` could pick; such leftovers are swept on the next rotation.
+    half-deleted checkpoint that `--resume` could pick; such leftovers are swept first on the next rotation.
     """
-    keep = {path.resolve() for path in step_checkpoints(output_dir)[-keep_last:]}
+    folder = Path(saved).parent
+    for doomed in folder.glob(f"*{REMOVING_SUFFIX}"):
+        shutil.rmtree(doomed)
+    steps = step_checkpoints(folder.parent)
+    history = steps[: [path.resolve() for path in steps].index(Path(saved).resolve()) + 1]
+    keep = {path.resolve() for path in history[-keep_last:]}
     if resumed_from is not None:
         keep.add(Path(resumed_from).resolve())
-    removed = []
-    for path in step_checkpoints(output_dir):
-        if path.resolve() not in keep:
-            doomed = path.with_name(path.name + REMOVING_SUFFIX)
-            path.rename(doomed)
-            removed.append(path)
-    for doomed in (Path(output_dir) / CHECKPOINTS).glob(f"*{REMOVING_SUFFIX}"):
+    removed = [path for path in history if path.resolve() not in keep]
+    for path in removed:
+        doomed = path.with_name(path.name + REMOVING_SUFFIX)
+        path.rename(doomed)
         shutil.rmtree(doomed)
     return removed

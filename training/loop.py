@@ -147,11 +147,25 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     # group only when told the run is on CPU.
     on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.grad_accum, cpu=on_cpu)
+    if accelerator.gradient_accumulation_steps != run.grad_accum:  # e.g. a DeepSpeed JSON with a fixed value
+        raise ConfigError(
+            f"run.grad_accum is {run.grad_accum} but the launcher sets {accelerator.gradient_accumulation_steps} "
+            "accumulation steps; set one of them to match the other"
+        )
     if accelerator.device.type == "cpu":
         # Weights and activations drift into subnormal floats as training settles; x86 CPUs process those
         # 10-100x slower (seen here: stage 1 went from 1 s to 29 s a step). Flushing them to zero is harmless.
         torch.set_flush_denormal(True)
     return accelerator
+
+
+def loader_options(run: RunConfig, dataset: Dataset, on_cuda: bool) -> dict:
+    """`run.loader_options`, without persistent workers for a dataset whose samples depend on the epoch
+    (`set_epoch`, stage 1's synthetic defects): a persistent worker keeps the dataset copy of its first epoch."""
+    options = run.loader_options(on_cuda)
+    if hasattr(dataset, "set_epoch"):
+        options["persistent_workers"] = False
+    return options
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, total_steps: int, steps_per_epoch: int):
@@ -193,7 +207,7 @@ def run_training(
         batch_size=run.batch_size,
         sampler=EpochSampler(len(task.dataset), run.seed),
         collate_fn=task.collate,
-        **run.loader_options(accelerator.device.type == "cuda"),
+        **loader_options(run, task.dataset, accelerator.device.type == "cuda"),
         generator=torch.Generator().manual_seed(run.seed),  # keeps the global RNG untouched by the loader
     )
     optimizer = torch.optim.AdamW(
@@ -220,8 +234,8 @@ def run_training(
     bar = tqdm(total=total_steps, initial=progress.step, desc=task.name, disable=not accelerator.is_local_main_process)
     meter, losses, tokens, started = StepMeter(), [], 0, time.perf_counter()
 
-    # accelerate divides each loss by the accumulation steps and DDP averages gradients over processes; the
-    # losses are already shares of the step's total, so both are undone.
+    # The backward divides each loss by the accumulation steps (accelerate's, or DeepSpeed's own) and DDP averages
+    # gradients over processes; the losses are already shares of the step's total, so both are undone.
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     model.train()
     while progress.step < total_steps:
@@ -239,13 +253,14 @@ def run_training(
                 if task.count_tokens is not None:
                     tokens += task.count_tokens(batch) * accelerator.num_processes
             progress.batch_in_epoch += len(group)
-            if run.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, run.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(trainable, run.max_grad_norm) if run.max_grad_norm else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             progress.step += 1
             record = meter.record(accelerator, progress.step, progress.epoch, scheduler.get_last_lr()[0])
+            if grad_norm is not None:  # before clipping; the same on every process (None under DeepSpeed)
+                record["grad_norm"] = float(grad_norm)
             losses.append(record["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -307,7 +322,7 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, re
         save_config(config, partial)
         publish_dir(partial, folder)
         if config.run.keep_last:
-            rotate_checkpoints(config.run.output_dir, config.run.keep_last, resumed_from)
+            rotate_checkpoints(folder, config.run.keep_last, resumed_from)
     accelerator.wait_for_everyone()
     return folder
 

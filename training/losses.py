@@ -14,6 +14,8 @@ Every term is a mean over the images of a whole optimizer step (all images; thos
 with a defect), not of one micro-batch: the functions here return a batch's sums, and the caller divides them
 by the step's counts (`mask_counts`, summed over micro-batches and processes by the training loop). So
 gradient accumulation and data parallelism weigh every image alike, however the step's images are split.
+For that, the patch loss's clean term is each image's mean over its clean patches (before, one mean over the
+batch's clean patches, which weighed images by their crop count).
 """
 
 from __future__ import annotations
