@@ -258,20 +258,21 @@ def test_keep_last_must_be_positive(conversations, tmp_path):
 
 def test_loader_workers_are_configurable_and_change_no_batch(conversations, tmp_path):
     from training.config import RunConfig
+    from training.datasets import InstructDataset
 
-    assert RunConfig(num_workers="auto").loader_options(on_cuda=False) == {
+    dataset = InstructDataset([])  # samples that ignore the epoch
+    assert loop.loader_options(RunConfig(num_workers="auto"), dataset, on_cuda=False) == {
         "num_workers": 0,
         "pin_memory": False,
         "persistent_workers": False,
     }
-    assert RunConfig().loader_options(on_cuda=True) == {
+    assert loop.loader_options(RunConfig(), dataset, on_cuda=True) == {
         "num_workers": 2,
         "pin_memory": True,
         "persistent_workers": True,
     }
-    assert (
-        RunConfig(num_workers=1, persistent_workers=False).loader_options(on_cuda=False)["persistent_workers"] is False
-    )
+    options = loop.loader_options(RunConfig(num_workers=1, persistent_workers=False), dataset, on_cuda=False)
+    assert options["persistent_workers"] is False
     with pytest.raises(ValueError):
         RunConfig(num_workers=-1)
     runs = [

@@ -105,11 +105,9 @@ def rotate_checkpoints(saved: Path, keep_last: int, resumed_from: Path | None = 
     for doomed in folder.glob(f"*{REMOVING_SUFFIX}"):
         shutil.rmtree(doomed)
     steps = step_checkpoints(folder.parent)
-    history = steps[: [path.resolve() for path in steps].index(Path(saved).resolve()) + 1]
-    keep = {path.resolve() for path in history[-keep_last:]}
-    if resumed_from is not None:
-        keep.add(Path(resumed_from).resolve())
-    removed = [path for path in history if path.resolve() not in keep]
+    history = steps[: steps.index(Path(saved)) + 1]  # the same folder: paths compare as built
+    resumed = Path(resumed_from).resolve() if resumed_from is not None else None
+    removed = [path for path in history[:-keep_last] if path.resolve() != resumed]
     for path in removed:
         doomed = path.with_name(path.name + REMOVING_SUFFIX)
         path.rename(doomed)

@@ -79,15 +79,8 @@ class RunConfig(_Section):
     # cores), else 2 (one worker kept a 0.5B LoRA step 97% busy where none left it 78%: bench_data_pipeline.py)
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     pin_memory: bool | Literal["auto"] = "auto"  # auto: when training on CUDA
-    persistent_workers: bool = True  # keep workers between epochs (only with num_workers > 0)
+    persistent_workers: bool = True  # keep workers between epochs (with workers, and data that ignores the epoch)
     gradient_checkpointing: bool = False
-
-    def loader_options(self, on_cuda: bool) -> dict:
-        """The DataLoader's worker and pinning arguments, "auto" resolved for the device the run trains on."""
-        workers = (2 if on_cuda else 0) if self.num_workers == "auto" else self.num_workers
-        pin = on_cuda if self.pin_memory == "auto" else self.pin_memory
-        persistent = self.persistent_workers and workers > 0
-        return {"num_workers": workers, "pin_memory": pin, "persistent_workers": persistent}
 
     @model_validator(mode="after")
     def _has_length(self) -> RunConfig:

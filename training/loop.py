@@ -160,12 +160,13 @@ def make_accelerator(run: RunConfig) -> Accelerator:
 
 
 def loader_options(run: RunConfig, dataset: Dataset, on_cuda: bool) -> dict:
-    """`run.loader_options`, without persistent workers for a dataset whose samples depend on the epoch
-    (`set_epoch`, stage 1's synthetic defects): a persistent worker keeps the dataset copy of its first epoch."""
-    options = run.loader_options(on_cuda)
-    if hasattr(dataset, "set_epoch"):
-        options["persistent_workers"] = False
-    return options
+    """The DataLoader's worker and pinning arguments, "auto" resolved for the device the run trains on. Workers
+    persist only for a dataset whose samples ignore the epoch: one with `set_epoch` (stage 1's synthetic
+    defects) would stay at the dataset copy of its first epoch."""
+    workers = (2 if on_cuda else 0) if run.num_workers == "auto" else run.num_workers
+    pin = on_cuda if run.pin_memory == "auto" else run.pin_memory
+    persistent = run.persistent_workers and workers > 0 and not hasattr(dataset, "set_epoch")
+    return {"num_workers": workers, "pin_memory": pin, "persistent_workers": persistent}
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, total_steps: int, steps_per_epoch: int):
