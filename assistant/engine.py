@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache
 from .checkpoint import load_checkpoint
 from .config import Settings
 from .domain import DomainModel
+from .errors import UsageError
 from .image_io import ImageInput, load_image, load_references
 from .modeling import AssistantForConditionalGeneration
 from .processing import AssistantProcessor
@@ -597,6 +598,36 @@ class LocalEngine(ImageAnalyzer):
                 worker.join()
         if errors:
             raise errors[0]
+
+    def continuation_logprobs(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[tuple[float, bool]]:
+        """For each conversation, the log-probability of its continuation's tokens as the answer, and whether greedy
+        decoding gives exactly those tokens (what lmms-eval's loglikelihood requests ask); one forward pass."""
+        tokenizer = self.processor.tokenizer
+        targets = [tokenizer(text, add_special_tokens=False).input_ids for text in continuations]
+        if not all(targets):
+            raise UsageError("a continuation to score is empty")
+        width = max(map(len, targets))
+        with self._lock, torch.inference_mode():
+            self._last_prompt = None  # this call leaves no cache to continue
+            prompt = self._prompt_embeddings(conversations)
+            ids = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets], device=self.device)
+            filled = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets], device=self.device)
+            mask = torch.cat([prompt.mask, filled.to(prompt.mask)], dim=1)
+            output = self.model(
+                inputs_embeds=torch.cat([prompt.embeds, self.model.get_input_embeddings()(ids)], dim=1),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                logits_to_keep=width + 1,
+            )
+            logprobs = output.logits[:, :-1].float().log_softmax(-1)  # the prediction of each continuation token
+        results = []
+        for row, target in zip(logprobs, targets, strict=True):
+            wanted = torch.tensor(target, device=row.device)
+            chosen = row[: len(target)].gather(1, wanted[:, None]).sum()
+            results.append((float(chosen), bool((row[: len(target)].argmax(-1) == wanted).all())))
+        return results
 
     def choice_probabilities(
         self, conversations: Sequence[Conversation], choices: Sequence[str]
