@@ -612,7 +612,8 @@ class LocalEngine(ImageAnalyzer):
         with self._lock, torch.inference_mode():
             self._last_prompt = None  # this call leaves no cache to continue
             prompt = self._prompt_embeddings(conversations)
-            ids = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets], device=self.device)
+            pad = tokenizer.pad_token_id or 0  # padded places are masked out and never read
+            ids = torch.tensor([t + [pad] * (width - len(t)) for t in targets], device=self.device)
             filled = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets], device=self.device)
             mask = torch.cat([prompt.mask, filled.to(prompt.mask)], dim=1)
             output = self.model(
@@ -620,6 +621,7 @@ class LocalEngine(ImageAnalyzer):
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 logits_to_keep=width + 1,
+                use_cache=False,
             )
             logprobs = output.logits[:, :-1].float().log_softmax(-1)  # the prediction of each continuation token
         results = []

@@ -71,8 +71,8 @@ def test_mmad_tasks_equal_eval_mmad_in_process(lmms_python, tiny_path, tmp_path)
         {"ANOMALY_ASSISTANT_MMAD": str(data)},
     )  # fmt: skip
     metrics, samples = runs["mmad"]
-    # The same prompts, images and answers (lmms-eval strips whitespace from generated text).
-    assert [s["filtered_resps"] for s in samples] == [r.response.strip() for r in records]
+    # The same prompts, images and answers, scored as generated.
+    assert [s["official"]["answer"]["response"] for s in samples] == [r.response for r in records]
     assert metrics["official"] == pytest.approx(tables["official-compatible"].rows["Average"]["Average"])
     assert metrics["strict"] == pytest.approx(tables["strict"].rows["Average"]["Average"])
     likelihood, samples = runs["mmad_likelihood"]
@@ -94,7 +94,7 @@ def test_visa_dr_detection_equals_eval_visa_dr_with_the_verdicts_answers(lmms_py
         {"ANOMALY_ASSISTANT_VISA_DR": str(detection)},
     )  # fmt: skip
     metrics, samples = runs["visa_dr_detection"]
-    assert [s["filtered_resps"] for s in samples] == [r.response.strip() for r in records]
+    assert [s["accuracy"]["answer"]["response"] for s in samples] == [r.response for r in records]
     assert {m: metrics[m] for m in ("accuracy", "precision", "recall", "f1")} == pytest.approx(
         {"accuracy": macro["Acc"], "precision": macro["Prec"], "recall": macro["Rec"], "f1": macro["F1"]}
     )
@@ -114,7 +114,7 @@ def test_over_our_servers_api_the_tasks_equal_eval_over_the_same_endpoint(lmms_p
     metrics, samples = runs["mmad"]
     # The same requests, images included (lmms-eval sends them in its own order).
     assert sorted(map(json.dumps, stub.requests[asked:])) == sorted(map(json.dumps, stub.requests[:asked]))
-    assert [s["filtered_resps"] for s in samples] == [r.response.strip() for r in records]
+    assert [s["official"]["answer"]["response"] for s in samples] == [r.response for r in records]
     assert metrics["official"] == pytest.approx(summaries(records)["official-compatible"].rows["Average"]["Average"])
 
 

@@ -8,7 +8,6 @@ in data-file order, so the metrics are the "Average" column of `eval mmad`'s off
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -18,18 +17,20 @@ from PIL import Image
 
 from assistant.image_io import load_image
 
+from ..cli import OFFICIAL_MMAD_SIDE
 from ..mmad import MMADAnswer, summaries
 from ..mmad_data import LETTERS, load_mmad, mmad_view, prompt, question_items
-from .task_data import LocalFileTask, data_file
+from .task_data import LocalFileTask
 
-DATA_ENV, IMAGES_ENV = "ANOMALY_ASSISTANT_MMAD", "ANOMALY_ASSISTANT_MMAD_IMAGES"
+IMAGES_ENV = "ANOMALY_ASSISTANT_MMAD_IMAGES"
 
 
 class MMADTask(LocalFileTask):
     """dataset_kwargs: shots, similar_templates, seed, shuffle, max_side (as `eval mmad`'s options)."""
 
-    def rows(self, options: dict) -> list[dict]:
-        path = data_file(DATA_ENV, "the path of MMAD's mmad.json")
+    DATA_ENV, DATA_WHAT = "ANOMALY_ASSISTANT_MMAD", "the path of MMAD's mmad.json"
+
+    def rows(self, path: Path, options: dict) -> list[dict]:
         root = Path(os.environ.get(IMAGES_ENV) or path.parent).resolve()
         items = question_items(
             load_mmad(path),
@@ -51,7 +52,7 @@ class MMADTask(LocalFileTask):
                 "answer": item.answer,
                 "templates": list(item.templates),
                 "root": str(root),
-                "max_side": int(options.get("max_side", 512)),
+                "max_side": int(options.get("max_side", OFFICIAL_MMAD_SIDE)),
             }
             for order, item in enumerate(items)
         ]
@@ -93,18 +94,18 @@ def process_results(doc: dict, results: list[str]) -> dict:
     return {"official": record, "strict": record}
 
 
-def _loglikelihood(result: tuple[float, bool] | str) -> float:
-    """A loglikelihood request's (log P, is_greedy); lmms-eval 0.7.3 hands it over as its str() (its
-    `unwrap_generation_output` stringifies every non-text response)."""
-    return float((ast.literal_eval(result) if isinstance(result, str) else result)[0])
+def _loglikelihood(result: object) -> float:
+    """The log P of a loglikelihood request's (log P, is_greedy), which lmms-eval 0.7.3 hands over as its str()
+    (its `unwrap_generation_output` stringifies every non-text response): "(-1.5, False)", "(-inf, False)"."""
+    return float(str(result).strip("()").split(",")[0])
 
 
 def process_likelihood_results(doc: dict, results: list) -> dict:
     """A multiple-choice request per option letter: the letters' likelihoods, renormalised (as `--letter-probs`)."""
     letters = doc_to_choice(doc)
-    likelihoods = [math.exp(_loglikelihood(result)) for result in results]
-    total = sum(likelihoods)
-    probabilities = {letter: value / total for letter, value in zip(letters, likelihoods, strict=True)}
+    logs = [_loglikelihood(result) for result in results]
+    likelihoods = [math.exp(value - max(logs)) for value in logs]  # relative to the best: no underflow to 0 / 0
+    probabilities = {letter: value / sum(likelihoods) for letter, value in zip(letters, likelihoods, strict=True)}
     return {"letter_likelihood": _record(doc, max(probabilities, key=probabilities.__getitem__), probabilities)}
 
 

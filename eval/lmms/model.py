@@ -14,6 +14,7 @@ app's behaviour); the default, `chat`, is the language model's own answer, as fo
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from collections.abc import Sequence
 
@@ -57,7 +58,7 @@ class AnomalyAssistant(lmms):
         served_model: str | None = None,
         api_key: str | None = None,
         device: str | None = None,
-        batch_size: int | str = 8,
+        batch_size: int | str = 1,
         timeout: float = 300.0,
         settings: str = "",
         answer: str = "chat",
@@ -68,6 +69,12 @@ class AnomalyAssistant(lmms):
             raise UsageError(f"anomaly_assistant has no model_args {', '.join(sorted(unused))}")
         if answer not in ANSWER_MODES:
             raise UsageError(f"answer={answer!r}: give one of {', '.join(ANSWER_MODES)}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(
+                "anomaly_assistant runs in one process: batch with --batch_size instead of launching several"
+            )
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise UsageError(f"--batch_size {batch_size}: give a number of conversations per batch (1 or more)")
         self.answer = answer
         self.batch_size = int(batch_size)
         args = Namespace(

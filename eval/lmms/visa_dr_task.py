@@ -18,15 +18,18 @@ from assistant.prompts import DETECTION_QUESTION
 
 from ..visa_dr_data import DetectionItem, category, load_items, visa_dr_view
 from ..visa_dr_scoring import DetectionAnswer, detection_metrics
-from .task_data import LocalFileTask, data_file
+from .task_data import LocalFileTask
 
-DATA_ENV, IMAGES_ENV = "ANOMALY_ASSISTANT_VISA_DR", "ANOMALY_ASSISTANT_VISA_DR_IMAGES"
+IMAGES_ENV = "ANOMALY_ASSISTANT_VISA_DR_IMAGES"
 
 
 class DetectionTask(LocalFileTask):
-    def rows(self, options: dict) -> list[dict]:
-        path = data_file(DATA_ENV, "the path of VisA-D&R's test_data.json")
-        root = Path(os.environ.get(IMAGES_ENV) or path.resolve().parent.parent).resolve()
+    """The Yes/No items of test_data.json, in file order; images as the official layout (or $IMAGES_ENV) has them."""
+
+    DATA_ENV, DATA_WHAT = "ANOMALY_ASSISTANT_VISA_DR", "the path of VisA-D&R's test_data.json"
+
+    def rows(self, path: Path, options: dict) -> list[dict]:
+        root = Path(os.environ.get(IMAGES_ENV) or path.parent.parent).resolve()
         items = load_items(path, DetectionItem)
         return [{"image": item.image, "anomaly": item.anomaly, "root": str(root)} for item in items]
 
