@@ -103,19 +103,23 @@ def test_visa_dr_detection_equals_eval_visa_dr_with_the_verdicts_answers(lmms_py
 def test_over_our_servers_api_the_tasks_equal_eval_over_the_same_endpoint(lmms_python, endpoint, tmp_path):
     url, stub = endpoint
     data = write_mmad(tmp_path / "mmad")
-    ours = tmp_path / "ours"
-    assert main([*mmad_args(data, ours, "--endpoint", url, "--served-model", "ours"), "--max-side", "512"]) == 0
-    records = list(AnswerLog(ours / ANSWERS_FILE, MMADAnswer).load().values())
-    asked = len(stub.requests)
+    ours = {}
+    for shots, task in ((1, "mmad"), (0, "mmad_0shot")):
+        args = mmad_args(data, tmp_path / task, "--endpoint", url, "--served-model", "ours", "--shots", str(shots))
+        assert main([*args, "--max-side", "512"]) == 0
+        ours[task] = list(AnswerLog(tmp_path / task / ANSWERS_FILE, MMADAnswer).load().values())
+    asked = list(stub.requests)
     runs = lmms_eval(
-        lmms_python, tmp_path / "lmms", f"endpoint={url},served_model=ours", "mmad",
+        lmms_python, tmp_path / "lmms", f"endpoint={url},served_model=ours", "mmad,mmad_0shot",
         {"ANOMALY_ASSISTANT_MMAD": str(data)},
     )  # fmt: skip
-    metrics, samples = runs["mmad"]
-    # The same requests, images included (lmms-eval sends them in its own order).
-    assert sorted(map(json.dumps, stub.requests[asked:])) == sorted(map(json.dumps, stub.requests[:asked]))
-    assert [s["official"]["answer"]["response"] for s in samples] == [r.response for r in records]
-    assert metrics["official"] == pytest.approx(summaries(records)["official-compatible"].rows["Average"]["Average"])
+    # The same requests, images (templates only for 1-shot) included; lmms-eval sends them in its own order.
+    assert sorted(map(json.dumps, stub.requests[len(asked) :])) == sorted(map(json.dumps, asked))
+    for task, records in ours.items():
+        metrics, samples = runs[task]
+        assert [s["official"]["answer"]["response"] for s in samples] == [r.response for r in records]
+        official = summaries(records)["official-compatible"].rows["Average"]["Average"]
+        assert metrics["official"] == pytest.approx(official)
 
 
 MODEL_CHECKS = """
