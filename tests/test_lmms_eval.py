@@ -79,7 +79,8 @@ def test_mmad_tasks_equal_eval_mmad_in_process(lmms_python, tiny_path, tmp_path)
     assert likelihood["letter_likelihood"] == pytest.approx(tables["letter likelihood"].rows["Average"]["Average"])
     for sample, record in zip(samples, records, strict=True):  # a loglikelihood request per option letter
         assert len(sample["filtered_resps"]) == len(record.letter_probs)
-        assert sample["letter_likelihood"]["answer"]["letter_probs"] == pytest.approx(record.letter_probs, abs=1e-5)
+        # float32 rounding only: the two batch the requests differently
+        assert sample["letter_likelihood"]["answer"]["letter_probs"] == pytest.approx(record.letter_probs, abs=1e-4)
 
 
 def test_visa_dr_detection_equals_eval_visa_dr_with_the_verdicts_answers(lmms_python, tiny_path, tmp_path):
