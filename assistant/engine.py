@@ -297,6 +297,12 @@ class _PromptCache:
         return cls(prompt.encodings[0], token_ids, cache)
 
 
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded batch's forward pass: each row counts from its first real token (as
+    `generate` numbers them), so a row scores the same alone or padded in a batch."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def whole_characters(text: str) -> str:
     """The answer without the replacement character a cut-off multi-byte character decodes to (an answer stopped at
     max_new_tokens mid-character), as vLLM's chat completions leave it out: every backend gives the same text."""
@@ -619,7 +625,7 @@ class LocalEngine(ImageAnalyzer):
             output = self.model(
                 inputs_embeds=torch.cat([prompt.embeds, self.model.get_input_embeddings()(ids)], dim=1),
                 attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                position_ids=left_padded_positions(mask),
                 logits_to_keep=width + 1,
                 use_cache=False,
             )
@@ -642,11 +648,10 @@ class LocalEngine(ImageAnalyzer):
         single = len(conversations) == 1  # its KV cache is kept: a reasoning turn about the image starts from it
         with self._lock, torch.inference_mode():
             prompt = self._prompt_embeddings(conversations)
-            positions = (prompt.mask.cumsum(-1) - 1).clamp(min=0)
             output = self.model(
                 inputs_embeds=prompt.embeds,
                 attention_mask=prompt.mask,
-                position_ids=positions,
+                position_ids=left_padded_positions(prompt.mask),
                 logits_to_keep=1,
                 use_cache=single,
             )

@@ -14,6 +14,7 @@ from assistant.cli import add_model_arguments
 
 from .backends import add_backend_arguments, at_least
 
+ANSWER_MODES = ("chat", "verdict")  # how `eval visa-dr` and lmms-eval's anomaly_assistant answer
 OFFICIAL_MMAD_SIDE = 512  # the official MMAD scripts fit every image into 512x512
 COUNT, POSITIVE = at_least(0), at_least(1)
 
@@ -62,7 +63,7 @@ def add_visa_dr_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--answer",
-        choices=("chat", "verdict"),
+        choices=ANSWER_MODES,
         default=None,
         help="verdict: our model's one decision (answers open with the Verdict's Yes/No; AUROC from its score; "
         "needs the in-process model or our server); chat: plain chat answers, as any endpoint gives "

@@ -27,8 +27,9 @@ from assistant.cli import load_engine
 from assistant.engine import Conversation, Engine, agreeing_answers
 from assistant.errors import UsageError
 
+from ..cli import ANSWER_MODES
+
 DEFAULT_MAX_NEW_TOKENS = 256
-ANSWER_MODES = ("chat", "verdict")
 
 
 def truncate(text: str, until: Sequence[str]) -> str:
