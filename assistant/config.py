@@ -117,6 +117,9 @@ class ReferenceConfig(_SubConfig):
     `weight` and `shift` are fitted on a labelled validation split with references drawn from normal training
     images (`anomaly-assistant eval calibrate --shots K --write`); `fitted_on` says where (None: defaults).
     `neighbourhood` 3 suits SigLIP's 27 x 27 patch grid (PatchCore's window); a coarse grid wants 1.
+    `prompt` is how a reference image reads in the LLM input, a choice the LLM is trained with (docs/few_shot.md):
+    "base" its padded square crop's tokens and one newline (LLaVA-OneVision's multi-image form), "expert" those
+    followed by its own suspicion phrase, global token and crop tokens, as a query's (Anomaly-OV's multi-image form).
     """
 
     weight: float = Field(20.0, ge=0.0)
@@ -124,6 +127,7 @@ class ReferenceConfig(_SubConfig):
     map_weight: float = Field(0.5, ge=0.0, le=1.0)
     neighbourhood: int = Field(3, ge=1)  # local averaging window of the patch grid before matching (odd)
     max_patches: int = Field(16384, ge=1)  # memory-bank bound per scale (whole-image crops, tiles)
+    prompt: Literal["base", "expert"] = "base"
     fitted_on: str | None = None
 
     @model_validator(mode="after")

@@ -8,8 +8,10 @@ tokens can never disagree between them. A query image expands to
 (without the phrase and the expert's tokens when `expert.tokens` is off, without ROI tokens when `roi.enabled` is)
 
 where every bracketed run is made of image-token positions whose embeddings the model supplies.
-Reference (normal) images in a few-shot prompt use LLaVA-OneVision's multi-image form: the base crop
-plus one newline, no expert tokens.
+Reference (normal) images in a few-shot prompt use LLaVA-OneVision's multi-image form, the padded square crop
+plus one newline, followed with `reference.prompt` "expert" by its own phrase and expert tokens (global + crop):
+
+    [square crop + newline] ("with" [adverb] " suspicious features:" [global and crop expert tokens])
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class ImageLayout:
     num_adverb: int
     num_expert: int
     num_roi: int
+    num_boxes: int = 0  # ROI boxes (`roi_box_count`); their tokens are `num_roi`
 
     @property
     def num_crops(self) -> int:
@@ -105,25 +108,42 @@ def roi_tokens_per_box(config: AssistantConfig) -> int:
     return side * side + (side if roi.newline else 0)
 
 
+def roi_box_count(image_size: tuple[int, int], config: AssistantConfig) -> int:
+    """ROI boxes of a query image of this (height, width): `roi.max_boxes`, but one when the image fits in one
+    crop. Every box grows to at least a crop, so there each box would be the whole image again: tokens that add
+    nothing (Triad's rule gives a 384 px image four identical boxes at SigLIP-384's shapes)."""
+    return 1 if max(image_size) <= config.crop_size else config.roi.max_boxes
+
+
 def image_layout(image_size: tuple[int, int], config: AssistantConfig, is_query: bool = True) -> ImageLayout:
     if not is_query:
-        return ImageLayout(False, (0, 0), config.patches_per_side**2 + 1, 0, 0, 0)
+        expert = config.expert.tokens and config.reference.prompt == "expert"
+        return ImageLayout(
+            is_query=False,
+            grid=(0, 0),
+            num_base=config.patches_per_side**2 + 1,
+            num_adverb=len(config.adverb_token_ids[0]) if expert else 0,
+            num_expert=expert_token_count((0, 0), config) if expert else 0,
+            num_roi=0,
+        )
     grid = anyres_grid(image_size, config)
     roi, expert_tokens = config.roi, config.expert.tokens
+    boxes = roi_box_count(image_size, config) if roi.enabled else 0
     return ImageLayout(
         is_query=True,
         grid=grid,
         num_base=base_token_count(image_size, config),
         num_adverb=len(config.adverb_token_ids[0]) if expert_tokens else 0,
         num_expert=expert_token_count(grid, config) if expert_tokens else 0,
-        num_roi=roi.max_boxes * roi_tokens_per_box(config) if roi.enabled else 0,
+        num_roi=boxes * roi_tokens_per_box(config),
+        num_boxes=boxes,
     )
 
 
 def expand_image_ids(layout: ImageLayout, config: AssistantConfig) -> list[int]:
     """The token ids that replace one image placeholder; image-token positions get model embeddings."""
     image = config.image_token_id
-    if not layout.is_query or not config.expert.tokens:
+    if not layout.num_adverb:  # no suspicion phrase: the expert's tokens are off, or a reference's "base" prompt
         return [image] * (layout.num_base + layout.num_roi)
     return (
         [image] * layout.num_base

@@ -119,7 +119,7 @@ def fill_boxes(anomaly_map: np.ndarray, boxes: list[Box], min_side: int, count: 
     return boxes
 
 
-def roi_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig) -> tuple[list[Box], list[Box]]:
-    """Detected boxes (to show) and exactly `max_boxes` crop boxes (to encode)."""
+def roi_boxes(anomaly_map: np.ndarray, min_side: int, config: RoiConfig, count: int) -> tuple[list[Box], list[Box]]:
+    """Detected boxes (to show) and exactly `count` crop boxes (to encode: the image layout's `num_boxes`)."""
     detected = detect_boxes(anomaly_map, min_side, config)
-    return detected, fill_boxes(anomaly_map, detected, min_side, config.max_boxes)
+    return detected, fill_boxes(anomaly_map, detected[:count], min_side, count)

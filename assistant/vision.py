@@ -30,7 +30,7 @@ from .expert import AnomalyExpert, ExpertOutput
 from .heatmap import assemble_heatmap, tile_regions
 from .layout import ImageLayout, image_layout
 from .references import PatchBank, ReferenceEvidence, fuse, image_distances
-from .roi import roi_boxes
+from .roi import detect_boxes, roi_boxes
 from .verdict import Box, Verdict
 
 if TYPE_CHECKING:
@@ -38,6 +38,26 @@ if TYPE_CHECKING:
 
 # The image side's checkpoint names, below the transformers model's `model.` prefix.
 IMAGE_MODULES = ("vision_tower", "multi_modal_projector", "image_newline", "anomaly_expert")
+
+
+@dataclass
+class CropFeatures:
+    """One vision pass over a batch's crops: what the LLM's image tokens and the expert are made of."""
+
+    layouts: list[ImageLayout]  # of every image, in order
+    final: torch.Tensor  # [C, N, D] the features the LLM reads
+    levels: list[torch.Tensor]  # [C, N, D] per expert feature level
+
+    def of(self, images: torch.Tensor) -> tuple[list[ImageLayout], torch.Tensor, list[torch.Tensor]]:
+        """Layouts, final features and levels of the chosen images' crops (`images`: [I] bool)."""
+        chosen = [layout for layout, keep in zip(self.layouts, images.tolist()) if keep]
+        if len(chosen) == len(self.layouts):  # a batch of queries only (stage 1) needs no copy
+            return chosen, self.final, self.levels
+        device = self.final.device
+        crops = torch.repeat_interleave(
+            images.to(device), torch.tensor([layout.num_crops for layout in self.layouts], device=device)
+        )
+        return chosen, self.final[crops], [level[crops] for level in self.levels]
 
 
 @dataclass
@@ -269,6 +289,24 @@ class ImageEncoderMixin:
             for (h, w), q in zip(image_sizes.tolist(), image_is_query)
         ]
 
+    def crop_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        image_is_query: torch.Tensor,
+        vision_grad: bool = True,
+    ) -> CropFeatures:
+        """One vision pass over every crop of a batch. `vision_grad=False` runs the tower without autograd."""
+        layouts = self.image_layouts(image_sizes, image_is_query)
+        crops_per_image = [layout.num_crops for layout in layouts]
+        if sum(crops_per_image) != pixel_values.shape[0]:
+            raise ValueError(
+                f"expected {sum(crops_per_image)} crops for these image sizes, got {pixel_values.shape[0]}"
+            )
+        with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
+            final, levels = self.vision_features(pixel_values, self.config.expert.feature_layers)
+        return CropFeatures(layouts, final, levels)
+
     def analyze_queries(
         self,
         pixel_values: torch.Tensor,
@@ -285,24 +323,22 @@ class ImageEncoderMixin:
         `vision_grad=False` runs the tower without autograd (a frozen tower while the expert trains).
         `bank`: normal patches (`normal_patches`) every query is compared with (`config.ReferenceConfig`).
         """
-        layouts = self.image_layouts(image_sizes, image_is_query)
-        crops_per_image = [layout.num_crops for layout in layouts]
-        if sum(crops_per_image) != pixel_values.shape[0]:
-            raise ValueError(
-                f"expected {sum(crops_per_image)} crops for these image sizes, got {pixel_values.shape[0]}"
-            )
-        with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
-            final, levels = self.vision_features(pixel_values, self.config.expert.feature_layers)
-        query_layouts = [layout for layout in layouts if layout.is_query]
+        features = self.crop_features(pixel_values, image_sizes, image_is_query, vision_grad)
+        return features.final, self.analyze(features, image_sizes, image_is_query, source_sizes, bank)
+
+    def analyze(
+        self,
+        features: CropFeatures,
+        image_sizes: torch.Tensor,
+        image_is_query: torch.Tensor,
+        source_sizes: torch.Tensor,
+        bank: PatchBank | None = None,
+    ) -> ImageAnalysis | None:
+        """The expert's reading of the query images of one vision pass (`analyze_queries`)."""
+        query_layouts, query_final, query_levels = features.of(image_is_query)
         if not query_layouts:
-            return final, None
+            return None
         query_crops = [layout.num_crops for layout in query_layouts]
-        query_final, query_levels = final, levels
-        if len(query_layouts) < len(layouts):  # a batch of queries only (stage 1) needs no copy
-            crop_is_query = torch.repeat_interleave(
-                image_is_query.to(final.device), torch.tensor(crops_per_image, device=final.device)
-            )
-            query_final, query_levels = final[crop_is_query], [f[crop_is_query] for f in levels]
         expert = self.anomaly_expert(query_final, query_levels, query_crops)
 
         def heatmaps(crop_maps: torch.Tensor) -> list[torch.Tensor]:
@@ -316,11 +352,11 @@ class ImageEncoderMixin:
                 )
             ]
 
-        first_crops = torch.tensor([0, *query_crops[:-1]], device=final.device).cumsum(0)
+        first_crops = torch.tensor([0, *query_crops[:-1]], device=query_final.device).cumsum(0)
         pooled = query_final[first_crops].float().mean(1)
         analysis = ImageAnalysis(query_layouts, expert, heatmaps(expert.maps), pooled)
         if bank is None:
-            return final, analysis
+            return analysis
         reference = self.config.reference
         if bank.shift is not None:  # a profile's own knee, measured on its held-out normal images
             reference = reference.model_copy(update={"shift": bank.shift})
@@ -328,7 +364,7 @@ class ImageEncoderMixin:
         evidence = ReferenceEvidence(distances, image_distances(distances, query_crops))
         maps, logits = fuse(expert.maps, expert.logits, evidence, query_crops, reference)
         fused = replace(analysis, heatmaps=heatmaps(maps), expert_heatmaps=analysis.heatmaps)
-        return final, replace(fused, reference=evidence, reference_logits=logits)
+        return replace(fused, reference=evidence, reference_logits=logits)
 
     def normal_patches(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> PatchBank:
         """The memory bank of normal images, each given as a query (whole-image crop and AnyRes tiles)."""
@@ -337,8 +373,19 @@ class ImageEncoderMixin:
         crops = [layout.num_crops for layout in layouts]
         return PatchBank.from_features(levels, crops, self.config.reference.neighbourhood)
 
+    def _expert_parts(self, expert: ExpertOutput, layouts: list[ImageLayout]) -> list[torch.Tensor]:
+        """The adverb's embeddings, then the projected [global, crop-0 tokens, tile grid with row newlines], for
+        each image the expert read (a reference's grid is empty)."""
+        levels = suspicion_level(expert.scores, self.config.expert.suspicion_thresholds)
+        adverb_ids = torch.tensor(self.config.adverb_token_ids, device=expert.logits.device)
+        adverbs = self.token_embeddings(adverb_ids[levels])  # [I, n_adv, H]
+        return [
+            torch.cat([adverb.to(tokens), tokens])
+            for adverb, tokens in zip(adverbs, self._expert_tokens(expert, layouts))
+        ]
+
     def _expert_tokens(self, expert: ExpertOutput, layouts: list[ImageLayout]) -> list[torch.Tensor]:
-        """Projected [global, crop-0 tokens, tile grid with row newlines] for each query image."""
+        """Projected [global, crop-0 tokens, tile grid with row newlines] for each image the expert read."""
         pooled = self.config.expert.pooled_side
         crop_tokens = self.multi_modal_projector(expert.crop_tokens)  # [Cq, p*p, H]
         global_tokens = self.multi_modal_projector(expert.global_tokens)  # [Q, H]
@@ -456,8 +503,9 @@ class ImageEncoderMixin:
             raise ValueError("ROI tokens are enabled but roi_pixel_values were not given")
         if roi.map_source == "external" and roi_maps is None and bool(image_is_query.any()):
             raise ValueError("roi.map_source is 'external' but no roi_maps were given")
-        final, analysis = self.analyze_queries(pixel_values, image_sizes, image_is_query, source_sizes, bank=bank)
-        layouts = self.image_layouts(image_sizes, image_is_query)
+        features = self.crop_features(pixel_values, image_sizes, image_is_query)
+        analysis = self.analyze(features, image_sizes, image_is_query, source_sizes, bank)
+        final, layouts = features.final, features.layouts
         projected = self.multi_modal_projector(final)
         per_image = list(torch.split(projected, [layout.num_crops for layout in layouts]))
         base_tokens, _ = self.pack_image_features(
@@ -466,47 +514,70 @@ class ImageEncoderMixin:
             self.image_newline,
             config.vision_aspect_ratio,
         )
-        if analysis is None:
-            return ImageEncoding(torch.cat(base_tokens), layouts, None)
-
-        if config.expert.tokens:
-            expert_tokens = self._expert_tokens(analysis.expert, analysis.layouts)
-            levels_of_suspicion = suspicion_level(analysis.expert.scores, config.expert.suspicion_thresholds)
-            adverb_ids = torch.tensor(config.adverb_token_ids, device=final.device)
-            adverbs = self.token_embeddings(adverb_ids[levels_of_suspicion])  # [Q, n_adv, H]
-
-        sizes = [tuple(s) for s in source_sizes.tolist()]
-        external = roi.map_source == "external"
-        external_maps = [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)] if external else None
-        detected, crops = [], []
-        for index, heatmap in enumerate(analysis.heatmaps):
-            prompt_map = external_maps[index] if external else analysis.prompt_heatmaps[index]
-            found, chosen = roi_boxes(prompt_map.detach().float().cpu().numpy(), config.crop_size, roi)
-            if analysis.reference is not None and not external:  # the verdict's boxes follow the references
-                found = roi_boxes(heatmap.detach().float().cpu().numpy(), config.crop_size, roi)[0]
-            detected.append(found)
-            crops.append(chosen)
-        if roi.enabled:
-            query_features = [f for f, layout in zip(per_image, layouts) if layout.is_query]
-            model_sizes = [tuple(s) for s in image_sizes[image_is_query].tolist()]
-            roi_tokens = self._roi_tokens(query_features, analysis.layouts, roi_pixel_values, model_sizes, sizes, crops)
-
-        sequences, query_index = [], 0
-        for layout, base in zip(layouts, base_tokens):
-            parts = [base]
-            if layout.is_query:
-                if config.expert.tokens:
-                    parts += [adverbs[query_index].to(base), expert_tokens[query_index]]
-                if roi.enabled:
-                    parts.append(roi_tokens[query_index])
-                query_index += 1
-            sequences.append(torch.cat(parts))
+        parts = [[base] for base in base_tokens]  # each image's embeddings, in prompt order
+        prompted = torch.tensor([not layout.is_query and layout.num_adverb > 0 for layout in layouts])
+        if bool(prompted.any()):  # references read with their own phrase and expert tokens
+            for index, tokens in zip(prompted.nonzero().flatten().tolist(), self._reference_parts(features, prompted)):
+                parts[index].append(tokens)
+        if analysis is not None:
+            queries = [index for index, layout in enumerate(layouts) if layout.is_query]
+            analysis = self._add_query_parts(
+                [parts[i] for i in queries],
+                analysis,
+                [per_image[i] for i in queries],
+                [tuple(size) for size in image_sizes[image_is_query].tolist()],
+                source_sizes,
+                roi_pixel_values,
+                roi_maps,
+            )
+        sequences = [torch.cat(image_parts) for image_parts in parts]
         for layout, sequence in zip(layouts, sequences):
             if sequence.shape[0] != layout.num_embeddings:
                 raise RuntimeError(
                     f"image produced {sequence.shape[0]} embeddings, layout expects {layout.num_embeddings}"
                 )
-        return ImageEncoding(torch.cat(sequences), layouts, replace(analysis, boxes=detected, roi_boxes=crops))
+        return ImageEncoding(torch.cat(sequences), layouts, analysis)
+
+    def _reference_parts(self, features: CropFeatures, references: torch.Tensor) -> list[torch.Tensor]:
+        """Adverb and expert tokens of the chosen reference images (`reference.prompt` "expert"): the expert reads
+        each one's single crop as its own image, so a reference's tokens never depend on the other images."""
+        layouts, final, levels = features.of(references)
+        expert = self.anomaly_expert(final, levels, [layout.num_crops for layout in layouts])
+        return self._expert_parts(expert, layouts)
+
+    def _add_query_parts(
+        self,
+        parts: list[list[torch.Tensor]],
+        analysis: ImageAnalysis,
+        projected: list[torch.Tensor],
+        model_sizes: list[tuple[int, int]],
+        source_sizes: torch.Tensor,
+        roi_pixel_values: torch.Tensor | Sequence[torch.Tensor] | None,
+        roi_maps: torch.Tensor | None,
+    ) -> ImageAnalysis:
+        """Append each query's adverb, expert and ROI tokens to its `parts` (`projected`: its crops' projected
+        features, `model_sizes`: the sizes its layout is of); the analysis with its boxes."""
+        config, roi = self.config, self.config.roi
+        sizes = [tuple(s) for s in source_sizes.tolist()]
+        external = roi.map_source == "external"
+        external_maps = [m[:h, :w] for m, (h, w) in zip(roi_maps, sizes)] if external else None
+        detected, crops = [], []
+        for index, (heatmap, layout) in enumerate(zip(analysis.heatmaps, analysis.layouts)):
+            prompt_map = external_maps[index] if external else analysis.prompt_heatmaps[index]
+            prompt_map = prompt_map.detach().float().cpu().numpy()
+            found, chosen = roi_boxes(prompt_map, config.crop_size, roi, layout.num_boxes)
+            if analysis.reference is not None and not external:  # the verdict's boxes follow the references
+                found = detect_boxes(heatmap.detach().float().cpu().numpy(), config.crop_size, roi)
+            detected.append(found)
+            crops.append(chosen)
+        if config.expert.tokens:
+            for image_parts, tokens in zip(parts, self._expert_parts(analysis.expert, analysis.layouts)):
+                image_parts.append(tokens)
+        if roi.enabled:
+            roi_tokens = self._roi_tokens(projected, analysis.layouts, roi_pixel_values, model_sizes, sizes, crops)
+            for image_parts, tokens in zip(parts, roi_tokens):
+                image_parts.append(tokens)
+        return replace(analysis, boxes=detected, roi_boxes=crops)
 
 
 class ImageEncoder(ImageEncoderMixin, nn.Module):

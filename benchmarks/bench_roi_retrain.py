@@ -17,6 +17,7 @@ fewer with --train-per-class) with its `roi.tokens_from` and `roi.pool`, merges,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,12 +50,13 @@ def start_folder(output: Path, seed: int) -> Path:
     return save_assistant(model, processor, start)
 
 
-def train_arm(output: Path, start: Path, conversations: Path, data_root: Path, tokens_from: str, pool: int) -> Path:
-    run = output / f"{conversations.stem}-{tokens_from}-{pool}"
+def train_arm(output: Path, start: Path, conversations: Path, data_root: Path, name: str, settings: dict) -> Path:
+    """The demo's stage 2 from `start` with these model settings (`model.settings`), merged; reused when done."""
+    run = output / f"{conversations.stem}-{name}"
     if not (run / MERGED_DIR / "config.json").is_file():
         overrides = [
             f"model.path={start}",
-            f"model.settings={{roi: {{tokens_from: {tokens_from}, pool: {pool}}}}}",
+            f"model.settings={json.dumps(settings)}",  # JSON is YAML's flow style
             f"data.json_path={conversations}",
             f"data.image_root={data_root}",
             f"run.output_dir={run}",
@@ -62,6 +64,16 @@ def train_arm(output: Path, start: Path, conversations: Path, data_root: Path, t
         ]
         train_instruct(load_config(CONFIG_DIR / "demo_instruct.yaml", "instruct", overrides))
     return run / MERGED_DIR
+
+
+def prepare(output: Path, train_per_class: int, seed: int = 0) -> tuple[Path, Path, Path]:
+    """The textile split, the stage-2 conversations and the common start: (data root, conversations, start)."""
+    data_root = output / "data"
+    write_textile_dataset(data_root, DEMO_SPLIT["test_fraction"], seed, DEMO_SPLIT["validation_fraction"])
+    conversations = output / f"instruct-{train_per_class}.json"
+    if not conversations.is_file():
+        write_conversations(conversations, data_root, train_per_class, seed)
+    return data_root, conversations, start_folder(output, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,17 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    seed = 0
-    data_root = args.output / "data"
-    write_textile_dataset(data_root, DEMO_SPLIT["test_fraction"], seed, DEMO_SPLIT["validation_fraction"])
-    conversations = args.output / f"instruct-{args.train_per_class}.json"
-    if not conversations.is_file():
-        write_conversations(conversations, data_root, args.train_per_class, seed)
-    start = start_folder(args.output, seed)
+    data_root, conversations, start = prepare(args.output, args.train_per_class)
     merged = {}
     for arm in args.arms:
         tokens_from, pool = arm.split(":")
-        merged[arm] = train_arm(args.output, start, conversations, data_root, tokens_from, int(pool))
+        settings = {"roi": {"tokens_from": tokens_from, "pool": int(pool)}}
+        merged[arm] = train_arm(args.output, start, conversations, data_root, f"{tokens_from}-{pool}", settings)
     images = held_out(args.per_class)
     print(f"stage 2 retrained per arm from one start; {args.per_class} held-out textiles per class")
     print(HEADER, flush=True)

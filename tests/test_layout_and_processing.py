@@ -30,7 +30,12 @@ def test_processor_and_model_agree(size, roi, tiny, tiny_no_roi):
             roi_pixel_values=inputs.get("roi_pixel_values"),
         )
     assert encoding.embeddings.shape[0] == layout.num_embeddings
-    assert layout.num_roi == (4 * 4 if roi else 0)  # 4 boxes x (4x4 patches pooled by 2)
+    # 4x4 patches pooled by 2 per box; 4 boxes, or one where the image fits in one 56 px crop (every box would be
+    # the whole image again)
+    boxes = (1 if max(size) <= 56 else 4) if roi else 0
+    assert (layout.num_boxes, layout.num_roi) == (boxes, boxes * 4)
+    if roi:
+        assert len(encoding.analysis.roi_boxes[0]) == boxes
 
 
 def test_large_grids_are_downsampled_like_llava_onevision(tiny):

@@ -23,7 +23,7 @@ def test_forward_with_and_without_roi(roi, tiny, tiny_no_roi):
     analysis = out.analysis
     assert analysis.scores.shape == (1,)
     assert analysis.heatmaps[0].shape == tuple(inputs["source_sizes"][0].tolist())
-    assert len(analysis.roi_boxes[0]) == model.config.roi.max_boxes
+    assert len(analysis.roi_boxes[0]) == (model.config.roi.max_boxes if roi else 0)  # the crops encoded
 
 
 def test_forward_with_a_reference_image(tiny):
@@ -33,6 +33,44 @@ def test_forward_with_a_reference_image(tiny):
         out = model(**inputs)
     assert out.analysis.scores.shape == (1,)  # only the query is analysed
     assert torch.isfinite(out.logits).all()
+
+
+def test_a_reference_read_like_a_query_gets_its_own_phrase_and_expert_tokens():
+    """`reference.prompt` "expert" (Anomaly-OV's multi-image form): the reference's square crop is followed by its
+    own suspicion phrase, global token and crop tokens; they come from the reference alone (vLLM encodes every
+    image on its own), and the query's tokens do not change."""
+    base_model, base_processor = tiny_assistant(seed=0)
+    model, processor = tiny_assistant(seed=0, reference={"prompt": "expert"})
+    reference, query = defect_image(defect=False, seed=3), defect_image()
+    inputs = model_inputs(processor, [reference, query])
+    base_inputs = model_inputs(base_processor, [reference, query])
+    size = (reference.height, reference.width)
+    layout, base_layout = processor.layout(size, False), base_processor.layout(size, False)
+    pooled = model.config.expert.pooled_side
+    assert (layout.num_adverb, layout.num_expert) == (len(model.config.adverb_token_ids[0]), 1 + pooled * pooled)
+    assert layout.num_embeddings == base_layout.num_embeddings + layout.num_adverb + layout.num_expert
+    phrase = len(model.config.phrase_prefix_ids) + len(model.config.phrase_suffix_ids)
+    assert (
+        inputs["input_ids"].shape[1]
+        == base_inputs["input_ids"].shape[1] + layout.num_adverb + layout.num_expert + phrase
+    )
+    with torch.no_grad():
+        encoding = model.encode_images(**image_inputs(inputs))
+        base_encoding = base_model.encode_images(**image_inputs(base_inputs))
+        alone = model.encode_images(  # the reference's crop alone, as vLLM's encoder may see it
+            **{key: inputs[key][:1] for key in ("pixel_values", "image_sizes", "image_is_query")},
+            source_sizes=inputs["source_sizes"][:0],
+        )
+    assert encoding.embeddings.shape[0] == sum(layout.num_embeddings for layout in encoding.layouts)
+    first = encoding.embeddings[: layout.num_embeddings]
+    torch.testing.assert_close(first, alone.embeddings)
+    torch.testing.assert_close(
+        first[: base_layout.num_embeddings], base_encoding.embeddings[: base_layout.num_embeddings]
+    )
+    torch.testing.assert_close(
+        encoding.embeddings[layout.num_embeddings :], base_encoding.embeddings[base_layout.num_embeddings :]
+    )
+    assert not torch.allclose(first[base_layout.num_embeddings :], first[base_layout.num_embeddings :].mean(0))
 
 
 def image_inputs(inputs) -> dict:

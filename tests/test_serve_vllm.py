@@ -37,9 +37,9 @@ MAX_TOKENS = 12
 QUESTION = "Are there any defects?"
 
 
-def sensitive_tiny(roi: bool | dict, score_bias: float, text_model: str, seed: int = 2):
+def sensitive_tiny(roi: bool | dict, score_bias: float, text_model: str, seed: int = 2, **config):
     """A tiny model with LLM/projector weights ~N(0, 0.3): well-separated logits that react to image tokens."""
-    model, processor = tiny_assistant(seed=seed, roi=roi, text_model=text_model)
+    model, processor = tiny_assistant(seed=seed, roi=roi, text_model=text_model, **config)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -51,13 +51,14 @@ def sensitive_tiny(roi: bool | dict, score_bias: float, text_model: str, seed: i
     return model, processor
 
 
-# ROI on, anomalous score (boxes, a defect turn), Qwen2; ROI off, normal score, Llama (the demo LLM's kind).
+# ROI on, anomalous score (boxes, a defect turn), Qwen2, references read as base tokens; ROI off, normal score,
+# Llama (the demo LLM's kind), references read with their own phrase and expert tokens.
 # The ROI tokens come from the tiles for small images and from re-encoded crops for an 896 px one ("auto": its
 # 896 px ROI source is finer than its 336 px tile canvas).
 ROI = {"tokens_from": "auto", "source_max_side": 896}
 CHECKPOINTS = {
     "roi": {"roi": ROI, "score_bias": 4.0, "text_model": "qwen2"},
-    "no_roi": {"roi": False, "score_bias": -4.0, "text_model": "llama"},
+    "no_roi": {"roi": False, "score_bias": -4.0, "text_model": "llama", "reference": {"prompt": "expert"}},
 }
 
 
@@ -114,8 +115,6 @@ def image_host():
     host = ImageHost(png_bytes(defect_image(seed=14)))
     yield host
     host.server.shutdown()
-
-
 
 
 @pytest.fixture(scope="session")
@@ -203,6 +202,23 @@ def test_test_models_answers_depend_on_expert_and_roi_tokens(local):
                     encoding.embeddings.copy_(original)
 
 
+def test_a_references_expert_tokens_change_the_answer(local):
+    """`no_roi` reads a reference with its own phrase and expert tokens: zeroing them changes the answer."""
+    engine = local["no_roi"]
+    conversation = Conversation.start(defect_image(seed=2), QUESTION, [defect_image(80, 200, defect=False, seed=7)])
+    encoding = engine.encode(conversation.images)
+    layout = encoding.layouts[0]
+    assert not layout.is_query and layout.num_expert
+    with torch.inference_mode():
+        answer = engine.complete([conversation], MAX_TOKENS)[0]
+        original = encoding.embeddings.clone()
+        encoding.embeddings[layout.num_base : layout.num_embeddings] = 0
+        try:
+            assert engine.complete([conversation], MAX_TOKENS)[0] != answer
+        finally:
+            encoding.embeddings.copy_(original)
+
+
 # -- agreement --------------------------------------------------------------------------------------------
 
 
@@ -219,11 +235,13 @@ def test_greedy_tokens_match_with_reencoded_roi_crops(servers, local):
 
 
 @pytest.mark.vllm
-def test_reference_image_after_it_was_a_query(servers, local):
-    """The reference is first sent alone (cached as a query), then as a reference: its tokens must change role."""
-    reference = defect_image(80, 200, defect=False, seed=3)
-    assert_agreement(servers["roi"], local["roi"], Conversation.start(reference, QUESTION))
-    assert_agreement(servers["roi"], local["roi"], Conversation.start(defect_image(seed=1), QUESTION, [reference]))
+@pytest.mark.parametrize("key", ["roi", "no_roi"])
+def test_reference_image_after_it_was_a_query(servers, local, key):
+    """The reference is first sent alone (cached as a query), then as a reference: its tokens must change role
+    (to base tokens, or with `no_roi`'s `reference.prompt` "expert" to base, phrase and expert tokens)."""
+    reference = defect_image(80, 200, defect=False, seed=7)  # its expert tokens change no_roi's answer (below)
+    assert_agreement(servers[key], local[key], Conversation.start(reference, QUESTION))
+    assert_agreement(servers[key], local[key], Conversation.start(defect_image(seed=2), QUESTION, [reference]))
 
 
 @pytest.mark.vllm
@@ -358,6 +376,7 @@ def test_a_thin_image_is_answered_and_the_engine_keeps_serving(servers, local):
 
 def bad_image_urls(image_host: ImageHost) -> dict[str, tuple[str, int]]:
     """The status-code table of docs/serving.md: case -> (image URL, expected status)."""
+
     def b64(data: bytes) -> str:
         return "data:image/png;base64," + base64.b64encode(data).decode()
 
@@ -423,9 +442,7 @@ def live_routes(server: ServerProcess) -> set[tuple[str, str]]:
         server.url.removesuffix("/v1") + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
     )
     assert schema.status_code == 200, schema.text[:300]
-    routes = {
-        (method.upper(), path) for path, operations in schema.json()["paths"].items() for method in operations
-    }
+    routes = {(method.upper(), path) for path, operations in schema.json()["paths"].items() for method in operations}
     return routes | {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/docs/oauth2-redirect")}
 
 
