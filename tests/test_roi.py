@@ -59,10 +59,11 @@ def test_flat_map_gives_no_box_and_small_images_span_fully():
     assert found.corners[1] == 0 and found.corners[3] == 40  # the height is smaller than a crop
 
 
-def test_fill_up_always_returns_the_configured_number_of_boxes():
+def test_fill_up_always_returns_the_requested_number_of_boxes():
     anomaly_map = blob_map(200, 200, [((90, 100, 90, 100), 1.0)])
-    detected, crops = roi_boxes(anomaly_map, 64, CONFIG)
-    assert len(detected) == 1 and len(crops) == 4
+    detected, crops = roi_boxes(anomaly_map, 64, CONFIG, CONFIG.max_boxes)
+    assert len(detected) == 1 and len(crops) == CONFIG.max_boxes == 4
+    assert roi_boxes(anomaly_map, 64, CONFIG, 1)[1] == crops[:1]
     assert crops[0] == detected[0]
     for x0, y0, x1, y1 in (box.corners for box in crops):
         assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 200
