@@ -119,7 +119,8 @@ class ReferenceConfig(_SubConfig):
     `neighbourhood` 3 suits SigLIP's 27 x 27 patch grid (PatchCore's window); a coarse grid wants 1.
     `prompt` is how a reference image reads in the LLM input, a choice the LLM is trained with (docs/few_shot.md):
     "base" its padded square crop's tokens and one newline (LLaVA-OneVision's multi-image form), "expert" those
-    followed by its own suspicion phrase, global token and crop tokens, as a query's (Anomaly-OV's multi-image form).
+    followed by its own suspicion phrase, global token and crop tokens, as a query's (Anomaly-OV's multi-image form;
+    with `expert.tokens` off there are no expert tokens, so both read as "base").
     """
 
     weight: float = Field(20.0, ge=0.0)
@@ -141,7 +142,8 @@ class RoiConfig(_SubConfig):
     """Expert-guided region-of-interest tokens (Triad)."""
 
     enabled: bool = True
-    # fixed number of ROI crops per query image (keeps token counts static); disable ROI tokens with enabled=false
+    # ROI crops per query image, one where the image fits in one crop (`layout.roi_box_count`: counts stay static);
+    # disable ROI tokens with enabled=false
     max_boxes: int = Field(4, ge=1)
     threshold_ratio: float = Field(0.9, gt=0.0, lt=1.0)  # binarise the map at min + ratio * (max - min)
     merge_overlap: float = 0.1  # merge boxes whose intersection / smaller area exceeds this

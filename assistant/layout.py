@@ -9,7 +9,8 @@ tokens can never disagree between them. A query image expands to
 
 where every bracketed run is made of image-token positions whose embeddings the model supplies.
 Reference (normal) images in a few-shot prompt use LLaVA-OneVision's multi-image form, the padded square crop
-plus one newline, followed with `reference.prompt` "expert" by its own phrase and expert tokens (global + crop):
+plus one newline, followed with `reference.prompt` "expert" (and `expert.tokens` on) by its own phrase and expert
+tokens (global + crop):
 
     [square crop + newline] ("with" [adverb] " suspicious features:" [global and crop expert tokens])
 """

@@ -69,7 +69,8 @@ class ProfileError(AssistantError, ValueError):
 def image_side_fingerprint(model: torch.nn.Module) -> str:
     """A short digest of what a profile depends on: the image side's weights (names, shapes and an even sample of
     every tensor's values) and the settings its bank, knee and threshold were made under (the expert's feature
-    levels, the vision layer, the `reference` and `decision` sections, fit descriptions aside).
+    levels, the vision layer, the `reference` and `decision` sections, fit descriptions and the reference prompt
+    layout aside: that reaches only the language model).
 
     The values are rounded to bfloat16 first, so one model gives one fingerprint in whatever dtype it runs: a
     profile enrolled on a CPU in float32 is accepted by the same checkpoint on a GPU or a server in bfloat16."""
@@ -79,7 +80,7 @@ def image_side_fingerprint(model: torch.nn.Module) -> str:
     settings = {
         "feature_layers": config.expert.feature_layers,
         "vision_feature_layer": config.vision_feature_layer,
-        "reference": config.reference.model_dump(exclude={"fitted_on", "max_patches"}),
+        "reference": config.reference.model_dump(exclude={"fitted_on", "max_patches", "prompt"}),  # prompt: LLM only
         "decision": config.decision.model_dump(exclude={"fitted_on", "threshold"}),
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

@@ -2,9 +2,9 @@
 
 Triad binarises the map at 90% of its dynamic range, takes the external contours' boxes, grows each to
 at least one crop, merges overlapping ones and squares them. We keep that rule for the boxes we show,
-sort them by their peak score, and then fill up to a fixed number of boxes around the next most
-suspicious peaks, so every query image always carries the same number of ROI tokens (vLLM needs the
-token count before the model runs).
+sort them by their peak score, and then fill up to the image layout's box count around the next most
+suspicious peaks: that count follows from the image size alone (`layout.roi_box_count`), so vLLM knows
+every image's ROI tokens before the model runs.
 """
 
 from __future__ import annotations

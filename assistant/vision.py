@@ -319,7 +319,7 @@ class ImageEncoderMixin:
         """Final features [C, N, D] of every crop, and the expert's maps, tokens, scores and heatmaps of the
         query images (None when the batch has none).
 
-        `encode_images` builds the LLM tokens on top of this; stage-1 training calls it alone.
+        Stage-1 training calls this alone; `encode_images` runs its two steps (`crop_features`, `analyze`) itself.
         `vision_grad=False` runs the tower without autograd (a frozen tower while the expert trains).
         `bank`: normal patches (`normal_patches`) every query is compared with (`config.ReferenceConfig`).
         """
@@ -495,7 +495,7 @@ class ImageEncoderMixin:
         """All image-token embeddings of a batch plus the expert's analysis of its query images.
 
         `roi_pixel_values`: one uint8 [3, h, w] source per query image, as a padded [Q, 3, S, S] canvas or a
-        sequence of unpadded tensors. `bank`: normal patches for the analysis (`analyze_queries`); the
+        sequence of unpadded tensors. `bank`: normal patches for the analysis (`analyze`); the
         embeddings never depend on it.
         """
         config, roi = self.config, self.config.roi

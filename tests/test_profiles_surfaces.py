@@ -24,6 +24,7 @@ from gradio_client import Client, handle_file
 from assistant.cli import main
 from assistant.client import EndpointEngine, EndpointError
 from assistant.clip.engine import ClipEngine
+from assistant.config import Settings
 from assistant.engine import LocalEngine
 from assistant.errors import UsageError
 from assistant.image_io import load_image
@@ -213,6 +214,16 @@ def test_a_profile_made_in_float32_is_accepted_by_the_same_model_in_bfloat16(eng
     assert image_side_fingerprint(copy.deepcopy(engine.model).to(torch.bfloat16)) == image_side_fingerprint(
         engine.model
     )
+
+
+def test_a_profile_does_not_depend_on_how_references_read_in_the_prompt(engine):
+    """`reference.prompt` reaches only the language model: a profile stays valid when it changes."""
+    model = copy.deepcopy(engine.model)
+    model.config.apply_settings(Settings(reference={"prompt": "expert"}))
+    assert model.config.reference.prompt != engine.model.config.reference.prompt
+    assert image_side_fingerprint(model) == image_side_fingerprint(engine.model)
+    model.config.apply_settings(Settings(reference={"shift": 0.123}))  # what the verdict reads still counts
+    assert image_side_fingerprint(model) != image_side_fingerprint(engine.model)
 
 
 # -- the endpoint client and the CLIP engine ------------------------------------------------------------------
